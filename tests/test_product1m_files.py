@@ -139,6 +139,9 @@ def test_large_images_shrink_small_ones_never_grow():
     big = files.clean_image(_jpeg((400, 100)), max_side=64)
     assert big.fixes == ("resized",) and Image.open(io.BytesIO(big.jpeg)).size == (64, 16)
     assert (big.width, big.height) == (400, 100)  # the original size is kept for the record
+    huge = files.clean_image(_jpeg((1000, 500), exif_orientation=8), max_side=64)  # draft decode path
+    assert huge.fixes == ("exif_rotated", "resized") and (huge.width, huge.height) == (500, 1000)
+    assert Image.open(io.BytesIO(huge.jpeg)).size == (32, 64)
     small = files.clean_image(_jpeg((20, 10)), max_side=64)
     assert Image.open(io.BytesIO(small.jpeg)).size == (20, 10)
 

@@ -184,6 +184,11 @@ def clean_image(data: bytes, max_side: int) -> CleanImage:
     """
     try:
         img = Image.open(io.BytesIO(data))
+        original_size = img.size
+        if img.format == "JPEG" and max(img.size) > 2 * max_side:
+            # libjpeg decodes at 1/2, 1/4 or 1/8 scale for free; the final resize does the rest.
+            scale = max_side / max(img.size)
+            img.draft(img.mode, (round(img.size[0] * scale), round(img.size[1] * scale)))
         img.load()  # Forces a full decode: truncated files fail here, not later in training.
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ... for broken files.
         raise BadImageError(f"cannot decode image: {e}") from e
@@ -194,12 +199,12 @@ def clean_image(data: bytes, max_side: int) -> CleanImage:
     if orientation not in (1, None):
         img = ImageOps.exif_transpose(img)
         fixes.append("exif_rotated")
-    if getattr(img, "n_frames", 1) > 1:
-        img.seek(0)
     if img.mode != "RGB":
         fixes.append(f"mode_{img.mode}")
         img = _to_rgb(img)
-    width, height = img.size
+    width, height = original_size
+    if "exif_rotated" in fixes and orientation in (5, 6, 7, 8):  # These orientations swap the axes.
+        width, height = height, width
     if max(width, height) > max_side:
         scale = max_side / max(width, height)
         size = (max(1, round(width * scale)), max(1, round(height * scale)))

@@ -1,0 +1,509 @@
+"""Deterministic generator of a Product1M-shaped directory (official text format + images).
+
+Why: the real images are not reachable from here, yet the builder, the pipeline, the trainer
+and the scores must run on data with the real structure. This writes the four official
+`product1m_*_ossurl_v2.txt` files and `<id>.jpg` images of a made-up cosmetics catalogue in which
+retrieval is real: a series shares its colours (a brand its mark), so only the shape, proportions
+and label details of a product (and the title) tell instances apart.
+
+Dirty rows (only when `spec.dirty`), the same in EACH of the four splits, so that the builder's
+error handling is always exercised and counted:
+  * on clean rows, which stay valid examples (one row each, spread over the split):
+    `crlf` (line ends in CRLF), `png_as_jpg` (RGBA PNG bytes in `<id>.jpg`), `grayscale` (mode L
+    JPEG), `cmyk` (CMYK JPEG), `exif_rotated` (stored turned 90 degrees with EXIF Orientation=6,
+    upright after `ImageOps.exif_transpose`), `empty_title`, `stray_spaces` (spaces around every
+    field and around every label);
+  * extra lines, which a correct parser drops: `blank_line`, `short_row` (the last field is
+    missing), `missing_image` (no file), `corrupt_image` (the first third of a JPEG),
+    `duplicate_id` (reuses the id of the split's first row, other content: keep the first).
+So per split: examples kept = rows - short_row - duplicate_id - missing_image - corrupt_image,
+which equals the clean row count of the spec (`num_train`, `num_products * gallery_per_product`,
+`num_dev`, `num_test`). Every row's content is seeded by (seed, split, index) alone.
+
+Command: python -m tfds_product1m.synthetic --out DIR [--products N] [--train N] ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import colorsys
+import dataclasses
+import functools
+import io
+import json
+import os
+import pathlib
+import random
+import time
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from tfds_product1m.product1m_files import FIELD_SEP as SEP
+from tfds_product1m.product1m_files import LABEL_SEP, SPLITS, split_filename
+from tfds_product1m.synthetic_spec import (DIRTY_KINDS, DROPPED_KINDS, EXTRA_LINES,  # noqa: F401
+                                           ROW_QUIRKS, TINY, SyntheticSpec)
+
+SPLIT_CODE = {"train": 1, "gallery": 2, "dev": 3, "test": 4}  # the 2nd id digit: unique ids
+
+
+# ----------------------------------------------------------------------------- catalogue
+# brand names are 2-3 of these syllables; the Latin spelling is their pinyin
+SYLLABLES = list(zip("雅莉诗兰若花颜记悦黛芙清露美珂素姿蔻娜薇菲泉澜琪蕾婷欧缇萃肌",
+                     "YA LI SHI LAN RUO HUA YAN JI YUE DAI FU QING LU MEI KE SU ZI KOU NA WEI FEI "
+                     "QUAN LAN QI LEI TING OU TI CUI JI".split()))
+SERIES = ["小黑瓶", "玻尿酸", "水光", "樱花", "雪肌", "烟酰胺", "胶原", "神经酰胺", "青春", "白金",
+          "红石榴", "绿茶", "小棕瓶", "金致", "极光", "山茶花", "积雪草", "赋活", "光感", "柔润",
+          "臻颜", "净透", "鎏金", "蓝铜"]
+# product type -> (possible container shapes, size/unit words, short form used in set titles)
+TYPES = {
+    "精华": (("dropper", "bottle"), ("30ml", "50ml", "75ml"), "精华"),
+    "面霜": (("jar",), ("50g", "30g"), "霜"), "爽肤水": (("bottle",), ("150ml", "200ml"), "水"),
+    "乳液": (("bottle",), ("100ml", "120ml"), "乳"), "眼霜": (("jar", "tube"), ("15g", "20ml"), "眼霜"),
+    "口红": (("tube",), ("3.5g", "3g"), "口红"), "粉底液": (("bottle", "dropper"), ("30ml",), "粉底"),
+    "洁面乳": (("tube",), ("100g", "120g"), "洁面"), "防晒霜": (("tube",), ("40ml", "50ml"), "防晒"),
+    "面膜": (("box",), ("5片", "10片装"), "面膜"), "香水": (("bottle",), ("50ml", "100ml"), "香水"),
+    "卸妆水": (("bottle",), ("200ml", "400ml"), "卸妆水"), "气垫": (("compact",), ("15g", "12g*2"), "气垫"),
+}
+MARKETING = ["正品", "补水", "保湿", "官方旗舰店", "新品", "女", "滋润", "提亮", "淡纹", "修护", "清爽",
+             "控油", "温和", "持久", "包邮", "限量版", "专柜正品", "国货", "敏感肌", "送女友", "学生",
+             "正装", "紧致", "抗初老", "官方正品", "2023新款", "买一送一", "旗舰店"]
+SET_WORDS = ["套装", "礼盒", "护肤品套装", "组合装", "套盒", "化妆品全套"]
+COUNT_WORDS = {2: "两件套", 3: "三件套", 4: "四件套", 5: "五件套", 6: "六件套"}
+# brand marks: ImageDraw calls in a unit box [-1, 1]^2 ("ring" is an outlined ellipse)
+MARKS = {
+    "circle": [("ellipse", (-1, -1, 1, 1))], "ring": [("ring", (-1, -1, 1, 1))],
+    "triangle": [("polygon", (0, -1, 1, 1, -1, 1))],
+    "diamond": [("polygon", (0, -1, 1, 0, 0, 1, -1, 0))],
+    "square": [("rectangle", (-0.8, -0.8, 0.8, 0.8))],
+    "cross": [("rectangle", (-1, -0.25, 1, 0.25)), ("rectangle", (-0.25, -1, 0.25, 1))],
+    "stripes": [("rectangle", (-1.4, y, 1.4, y + 0.35)) for y in (-1, -0.2, 0.6)],
+    "bars": [("rectangle", (x, -1, x + 0.35, 1)) for x in (-1, -0.2, 0.6)],
+    "dots": [("ellipse", (-0.95, -0.35, -0.25, 0.35)), ("ellipse", (0.25, -0.35, 0.95, 0.35))],
+}
+
+
+# container drawings: (ImageDraw call, colour role, coordinates as fractions of the sprite's
+# width (even positions) and height (odd)); then the label box, which carries the brand mark
+SHAPES = {
+    "bottle": ([("rectangle", "cap", (0.25, 0, 0.75, 0.18)), ("rounded", "body", (0, 0.24, 1, 1)),
+                ("rectangle", "light", (0.35, 0.18, 0.65, 0.24)),
+                ("rectangle", "light", (0.12, 0.28, 0.18, 0.95))], (0.26, 0.42, 0.86, 0.86)),
+    "dropper": ([("ellipse", "cap", (0.3, 0, 0.7, 0.22)),
+                 ("rounded", "body", (0.05, 0.28, 0.95, 1)),
+                 ("rectangle", "cap", (0.2, 0.15, 0.8, 0.28))], (0.2, 0.45, 0.8, 0.88)),
+    "jar": ([("rounded", "body", (0.05, 0.2, 0.95, 1)), ("rounded", "cap", (0, 0, 1, 0.3))],
+            (0.15, 0.38, 0.85, 0.95)),
+    "tube": ([("polygon", "body", (0, 0.06, 1, 0.06, 0.85, 0.8, 0.15, 0.8)),
+              ("rectangle", "light", (0, 0, 1, 0.06)), ("rectangle", "cap", (0.2, 0.8, 0.8, 1))],
+             (0.2, 0.2, 0.8, 0.7)),
+    "box": ([("polygon", "light", (0, 0.15, 0.15, 0, 1, 0, 0.85, 0.15)),
+             ("polygon", "cap", (0.85, 0.15, 1, 0, 1, 0.85, 0.85, 1)),
+             ("rectangle", "body", (0, 0.15, 0.85, 1))], (0.1, 0.3, 0.75, 0.85)),
+    "compact": ([("ellipse", "cap", (0, 0.1, 1, 1)), ("ellipse", "body", (0, 0, 1, 0.9)),
+                 ("ellipse", "label", (0.2, 0.15, 0.8, 0.75))], (0.3, 0.2, 0.7, 0.7)),
+}
+RGB = tuple[int, int, int]
+
+
+@dataclasses.dataclass(frozen=True)
+class Product:
+    """One instance of the catalogue: its label and its look (colours are shared per series)."""
+    index: int
+    brand: str
+    brand_latin: str
+    series: str
+    kind: str  # product type word, e.g. 精华
+    shape: str
+    body: RGB
+    cap: RGB
+    label_rgb: RGB
+    mark: str  # brand mark drawn on the label, a key of MARKS
+    mark_rgb: RGB
+    aspect: tuple[float, float]  # sprite (width, height) as fractions of the canonical height
+    text_lines: tuple[float, ...]  # lengths of the fake text lines under the mark
+
+    @property
+    def label(self) -> str:
+        return f"{self.brand} {self.series}{self.kind}"
+
+
+def _colour(rnd: random.Random, value: tuple[float, float]) -> RGB:
+    rgb = colorsys.hsv_to_rgb(rnd.random(), rnd.uniform(0.2, 0.9), rnd.uniform(*value))
+    return tuple(int(255 * c) for c in rgb)
+
+
+def _aspect(shape: str, rnd: random.Random) -> tuple[float, float]:
+    u = rnd.uniform
+    return {"bottle": (u(0.3, 0.5), u(0.85, 1.0)), "dropper": (u(0.26, 0.38), u(0.75, 0.95)),
+            "jar": (u(0.7, 0.95), u(0.45, 0.6)), "tube": (u(0.2, 0.32), u(0.8, 1.0)),
+            "box": (u(0.45, 0.7), u(0.6, 0.9)), "compact": (u(0.7, 0.85), u(0.5, 0.7))}[shape]
+
+
+def make_catalogue(num_products: int, seed: int) -> list[Product]:
+    """Brands (8-20, scaled with num_products), each with series of 2-5 products sharing a look."""
+    rnd = random.Random(f"{seed}/catalogue")
+    num_brands = min(num_products, max(8, min(20, num_products // 6)))
+    brands: dict[str, str] = {}
+    while len(brands) < num_brands:
+        sy = rnd.sample(SYLLABLES, rnd.choice((2, 3, 3)))
+        name, latin = "".join(c for c, _ in sy), "".join(p for _, p in sy)
+        if name not in brands and latin not in brands.values():
+            brands[name] = latin
+    marks = {b: (list(MARKS)[i % len(MARKS)], _colour(rnd, (0.1, 0.6)))
+             for i, b in enumerate(brands)}
+    products: list[Product] = []
+    for b, brand in enumerate(brands):
+        count = num_products // num_brands + (b < num_products % num_brands)
+        series_pool = rnd.sample(SERIES, len(SERIES))
+        while count > 0:
+            series = series_pool.pop()
+            kinds = rnd.sample(list(TYPES), min(count, rnd.randint(2, 5)))
+            body, cap = _colour(rnd, (0.35, 1.0)), _colour(rnd, (0.05, 0.95))
+            label_rgb = _colour(rnd, (0.85, 1.0))
+            for kind in kinds:
+                shape = rnd.choice(TYPES[kind][0])
+                lines = tuple(round(rnd.uniform(0.3, 1.0), 2) for _ in range(rnd.randint(1, 3)))
+                products.append(Product(len(products), brand, brands[brand], series, kind, shape,
+                                        body, cap, label_rgb, *marks[brand], _aspect(shape, rnd),
+                                        lines))
+            count -= len(kinds)
+    return products
+
+
+# ----------------------------------------------------------------------------- rendering
+def _draw_mark(d: ImageDraw.ImageDraw, p: Product, box: tuple[float, ...]) -> None:
+    """The brand mark and the product's fake text lines on its label."""
+    x0, y0, x1, y1 = box
+    w, h = x1 - x0, y1 - y0
+    s = min(w, h * 0.55) / 2  # mark half-size, centred in the upper part of the label
+    cx, cy, c = x0 + w / 2, y0 + h * 0.3, p.mark_rgb
+    for call, unit in MARKS[p.mark]:
+        xy = [(cx if k % 2 == 0 else cy) + s * v for k, v in enumerate(unit)]
+        if call == "ring":
+            d.ellipse(xy, outline=c, width=max(1, int(s / 3)))
+        else:
+            getattr(d, call)(xy, fill=c)
+    for k, length in enumerate(p.text_lines):  # fake text: an instance-level cue
+        y = y0 + h * (0.62 + 0.13 * k)
+        d.rectangle((cx - w * 0.4 * length, y, cx + w * 0.4 * length, y + max(1, h * 0.05)), fill=c)
+
+
+def _scaled(unit: tuple[float, ...], w: int, h: int) -> list[float]:
+    """Unit coordinates (x, y, x, y, ...) to pixels of a w x h canvas."""
+    return [v * (w - 1 if k % 2 == 0 else h - 1) for k, v in enumerate(unit)]
+
+
+def render_sprite(p: Product, height: int) -> Image.Image:
+    """The product alone on a transparent RGBA canvas, `height` px for an aspect height of 1."""
+    w, h = max(8, int(p.aspect[0] * height)), max(8, int(p.aspect[1] * height))
+    im = Image.new("RGBA", (w, h), (0, 0, 0, 0))
+    d = ImageDraw.Draw(im)
+    colours = {"body": p.body, "cap": p.cap, "label": p.label_rgb,
+               "light": tuple(min(255, v + 60) for v in p.body)}
+    parts, box = SHAPES[p.shape]
+    if p.shape != "compact":  # the compact's label is one of its parts
+        parts = parts + [("rectangle", "label", box)]
+    for call, role, unit in parts:
+        xy = _scaled(unit, w, h)
+        if call == "rounded":
+            d.rounded_rectangle(xy, radius=min(w, h) * 0.12, fill=colours[role])
+        else:
+            getattr(d, call)(xy, fill=colours[role])
+    _draw_mark(d, p, _scaled(box, w, h))
+    return im
+
+
+def make_backgrounds(size: int, seed: int, count: int = 8) -> list[Image.Image]:
+    """A few backgrounds per seed (plain, gradient, noise texture, table), made once for speed."""
+    rng = np.random.default_rng([seed, 7])
+    ramp = np.linspace(0.0, 1.0, size, dtype=np.float32)[:, None, None]
+    tiles = []
+    for k in range(count):
+        a, b = rng.uniform(120, 250, 3), rng.uniform(80, 250, 3)
+        if k % 4 == 0:
+            arr = np.broadcast_to(a, (size, size, 3))
+        elif k % 4 == 1:
+            arr = np.broadcast_to(a * (1 - ramp) + b * ramp, (size, size, 3))
+        elif k % 4 == 2:
+            coarse = Image.fromarray(rng.uniform(0, 255, (8, 8)).astype(np.uint8))
+            low = np.asarray(coarse.resize((size, size), BILINEAR), np.float32)[..., None]
+            arr = a * 0.8 + (low - 128) * 0.25 + rng.normal(0, 8, (size, size, 1))
+        else:
+            arr = np.where(ramp < rng.uniform(0.4, 0.7), a, b) + rng.normal(0, 5, (size, size, 1))
+        tiles.append(Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), "RGB"))
+    return tiles
+
+
+_LEVELS = np.arange(256, dtype=np.float64)[None, :]
+BILINEAR = Image.Resampling.BILINEAR
+
+
+class Renderer:
+    """Draws one picture of products (a list with repeats) with a caching of product sprites."""
+
+    def __init__(self, catalogue: list[Product], size: int, seed: int):
+        self.catalogue, self.size = catalogue, size
+        self.backgrounds = make_backgrounds(size, seed)
+        self._sprites: dict[int, Image.Image] = {}
+
+    def sprite(self, index: int) -> Image.Image:
+        if index not in self._sprites:
+            # premultiplied alpha: resize and rotate then skip a conversion each
+            sprite = render_sprite(self.catalogue[index], int(self.size * 0.9))
+            self._sprites[index] = sprite.convert("RGBa")
+        return self._sprites[index]
+
+    def render(self, products: list[int], rnd: random.Random, transparent: bool = False
+               ) -> Image.Image:
+        """Random background, position, scale, small rotation, overlap and lighting jitter."""
+        s, n = self.size, len(products)
+        if transparent:
+            im = Image.new("RGBA", (s, s), (0, 0, 0, 0))
+        else:
+            im = rnd.choice(self.backgrounds).transpose(rnd.choice(
+                (Image.Transpose.FLIP_LEFT_RIGHT, Image.Transpose.ROTATE_180)))
+        scale_max = 0.85 if n == 1 else 0.75 - 0.05 * n
+        rows, placed = (1 if n <= 3 else 2), []  # 4+ products: a back row and a front row
+        for j, idx in enumerate(products):
+            cx = (j // rows + 0.5) / ((n + rows - 1) // rows) * s + rnd.uniform(-0.08, 0.08) * s
+            bottom = s * (rnd.uniform(0.75, 0.97) - (0.25 if rows == 2 and j % 2 == 0 else 0))
+            if n == 1:
+                cx, bottom = rnd.uniform(0.35, 0.65) * s, rnd.uniform(0.8, 0.98) * s
+            placed.append((bottom, cx, idx, rnd.uniform(0.55, 1) * scale_max, rnd.uniform(-12, 12)))
+        for bottom, cx, idx, scale, angle in sorted(placed):  # back (higher up) first
+            sp, f = self.sprite(idx), scale / 0.9  # sprites are drawn 0.9 * size high
+            sp = sp.resize((max(4, int(sp.width * f)), max(4, int(sp.height * f))), BILINEAR)
+            sp = sp.rotate(angle, BILINEAR, expand=True).convert("RGBA")
+            im.paste(sp, (int(cx - sp.width / 2), int(bottom - sp.height)), sp)
+        c, b = rnd.uniform(0.8, 1.15), rnd.uniform(-25, 25)  # contrast, brightness, colour cast
+        tint = np.array([rnd.uniform(-8, 8) for _ in range(3)])[:, None]
+        lut = np.clip((_LEVELS - 128) * c + 128 + b + tint, 0, 255).astype(np.int64).ravel()
+        return im.point(lut.tolist() + (list(range(256)) if transparent else []))
+
+
+# ----------------------------------------------------------------------------- rows
+@dataclasses.dataclass
+class Row:
+    """One line of a split file before dirty-row treatment."""
+    id: str
+    title: str
+    products: list[int]  # instances in the picture, repeats included; labels follow this list
+
+
+def make_id(seed: int, split: str, index: int) -> str:
+    """12-digit id, stable per (seed, split, index), unique across splits (index < 1e8)."""
+    x = (index * 73_856_093 + 19_349_663 * (seed + 1)) % 10**8  # bijections of [0, 1e8) ...
+    scrambled = (int(f"{x:08d}"[::-1]) * 83_492_791 + 2_654_435) % 10**8  # ... so ids differ
+    return f"6{SPLIT_CODE[split]}{seed % 100:02d}{scrambled:08d}"
+
+
+def _brand_token(p: Product, rnd: random.Random) -> str:
+    r = rnd.random()
+    if r < 0.55:
+        return p.brand
+    return p.brand_latin if r < 0.7 else rnd.choice((f"{p.brand_latin}/{p.brand}",
+                                                    f"{p.brand}{p.brand_latin}"))
+
+
+def _title(products: list[Product], rnd: random.Random) -> str:
+    """An e-commerce title; for sets it may omit products or name only the set (fuzzy)."""
+    first, distinct = products[0], list(dict.fromkeys(products))
+    words = rnd.sample(MARKETING, rnd.randint(3, 5))
+    if len(distinct) == 1:
+        unit = [rnd.choice(TYPES[first.kind][1])] if rnd.random() < 0.6 else []
+        name = rnd.choice((first.series + first.kind, first.series + " " + first.kind,
+                           first.kind, first.series + first.kind))
+        core = [_brand_token(first, rnd), name] + unit
+    else:
+        by_brand = {p.brand: p for p in distinct}  # name at most two brands, once each
+        brands = [_brand_token(p, rnd) for p in list(by_brand.values())[:2]]
+        named = [p for p in distinct if rnd.random() > 0.2] or distinct[:1]
+        items = "".join(TYPES[p.kind][2] for p in named) if rnd.random() < 0.8 else ""
+        set_word = rnd.choice(SET_WORDS + [COUNT_WORDS[min(6, len(products))]] * 2)
+        core = brands + [first.series + items + set_word]
+        words = words[:4]
+    if rnd.random() < 0.25:
+        core = core[1:] + core[:1]  # brand after the product words
+    front = [w for w in words if rnd.random() < 0.3]
+    tokens = front + core + [w for w in words if w not in front]
+    return "".join(t + (" " if rnd.random() < 0.2 else "") for t in tokens).strip()
+
+
+def _pick_set(anchor: Product, catalogue: list[Product], rnd: random.Random) -> list[int]:
+    """2-6 instances around `anchor`: mostly one series or brand, sometimes a product twice."""
+    n = rnd.choices((2, 3, 4, 5, 6), (45, 30, 13, 7, 5))[0]
+    repeats = 1 if n >= 3 and rnd.random() < 0.3 else 0
+    tiers = [[p.index for p in catalogue if p.series == anchor.series and p.brand == anchor.brand],
+             [p.index for p in catalogue if p.brand == anchor.brand], range(len(catalogue))]
+    start = 0 if rnd.random() < 0.65 else (1 if rnd.random() < 0.6 else 2)
+    chosen = [anchor.index]
+    for tier in tiers[start:]:
+        pool = [i for i in tier if i not in chosen]
+        chosen += rnd.sample(pool, min(len(pool), n - repeats - len(chosen)))
+    chosen += [rnd.choice(chosen) for _ in range(repeats)]
+    rnd.shuffle(chosen)
+    return chosen
+
+
+@functools.lru_cache(maxsize=4)
+def _train_order(seed: int, num: int) -> list[int]:
+    """A seeded permutation of the products: train row i < P holds product order[i]."""
+    return random.Random(f"{seed}/perm").sample(range(num), num)
+
+
+def make_row(spec: SyntheticSpec, catalogue: list[Product], split: str, index: int,
+             rnd: random.Random) -> Row:
+    """Content of row `index`: train covers every product (row i holds product i mod P)."""
+    num = len(catalogue)
+    if split == "gallery":
+        products = [index // spec.gallery_per_product % num]
+    elif split == "train":
+        anchor = catalogue[_train_order(spec.seed, num)[index]] if index < num \
+            else rnd.choice(catalogue)
+        products = [anchor.index] if rnd.random() < 0.6 else _pick_set(anchor, catalogue, rnd)
+    else:
+        products = _pick_set(rnd.choice(catalogue), catalogue, rnd)
+    return Row(make_id(spec.seed, split, index), _title([catalogue[i] for i in products], rnd),
+               products)
+
+
+# ----------------------------------------------------------------------------- writing
+def _encode(im: Image.Image, kind: str | None) -> bytes:
+    buf = io.BytesIO()
+    if kind == "png_as_jpg":
+        im.save(buf, "PNG")
+    elif kind == "exif_rotated":  # Orientation 6: the viewer turns it 90 degrees clockwise
+        exif = Image.Exif()
+        exif[0x0112] = 6
+        im.transpose(Image.Transpose.ROTATE_90).save(buf, "JPEG", quality=90, exif=exif)
+    else:
+        mode = {"grayscale": "L", "cmyk": "CMYK"}.get(kind or "", "RGB")
+        (im if im.mode == mode else im.convert(mode)).save(buf, "JPEG", quality=90)
+    data = buf.getvalue()
+    return data[: len(data) // 3] if kind == "corrupt_image" else data
+
+
+def image_path(out_dir: str | os.PathLike, split: str, row_id: str) -> pathlib.Path:
+    """Community-script-like layout: images/<split>/<last two id digits>/<id>.jpg."""
+    return pathlib.Path(out_dir) / "images" / split / row_id[-2:] / f"{row_id}.jpg"
+
+
+def _line(row: Row, split: str, catalogue: list[Product], kind: str | None) -> str:
+    fields = [row.id, "" if kind == "empty_title" else row.title,
+              f"https://img-a.example/{row.id}.jpg", f"https://img-b.example/p1m/{row.id}.jpg"]
+    labels = [catalogue[i].label for i in row.products]
+    if kind == "stray_spaces":
+        fields, labels = [f" {f}  " for f in fields], [f"  {x} " for x in labels]
+    if split != "train":
+        fields.append(LABEL_SEP.join(labels[:1] if split == "gallery" else labels))
+    if kind == "short_row":
+        fields = fields[:-1]
+    return SEP.join(fields) + ("\r\n" if kind == "crlf" else "\n")
+
+
+def write_split(out_dir: pathlib.Path, spec: SyntheticSpec, catalogue: list[Product],
+                renderer: Renderer, split: str) -> dict:
+    """Writes one split file and its images; returns its summary (see write_product1m)."""
+    n = spec.split_rows(split)
+    quirk_at = {(k + 1) * n // (len(ROW_QUIRKS) + 1): q for k, q in enumerate(ROW_QUIRKS)}
+    extra_after = {e * n // (len(EXTRA_LINES) + 1): kind
+                   for e, kind in enumerate(EXTRA_LINES, 1)} if spec.dirty else {}
+    lines: list[str] = []
+    dirty_rows: list[dict] = []
+
+    def emit(row: Row, kind: str | None) -> None:
+        rnd = random.Random(f"{spec.seed}/{split}/{row.id}/image")
+        if kind:
+            row_id = None if kind == "blank_line" else row.id
+            dirty_rows.append({"kind": kind, "id": row_id, "line": len(lines) + 1})
+        lines.append("\n" if kind == "blank_line" else _line(row, split, catalogue, kind))
+        if kind not in ("blank_line", "short_row", "missing_image", "duplicate_id"):
+            im = renderer.render(row.products, rnd, transparent=kind == "png_as_jpg")
+            path = image_path(out_dir, split, row.id)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(_encode(im, kind))
+
+    for i in range(n):
+        row = make_row(spec, catalogue, split, i, random.Random(f"{spec.seed}/{split}/{i}"))
+        emit(row, quirk_at.get(i) if spec.dirty else None)
+        if i in extra_after:
+            kind = extra_after[i]
+            e = 10**8 - 1 - EXTRA_LINES.index(kind)  # ids far from clean rows: those stay stable
+            extra = make_row(spec, catalogue, split, e, random.Random(f"{spec.seed}/{split}/x{e}"))
+            if kind == "duplicate_id":  # row 0 never carries a quirk (those start at n // 8)
+                extra.id = make_id(spec.seed, split, 0)
+            emit(extra, kind)
+    (out_dir / split_filename(split)).write_bytes("".join(lines).encode("utf-8"))
+    counts = {k: sum(r["kind"] == k for r in dirty_rows) for k in DIRTY_KINDS}
+    rows = len(lines) - counts["blank_line"]
+    return {"file": split_filename(split), "lines": len(lines), "rows": rows,
+            "examples": rows - sum(counts[k] for k in DROPPED_KINDS),
+            "dirty": counts, "dirty_rows": dirty_rows}
+
+
+def write_product1m(out_dir: str | os.PathLike, spec: SyntheticSpec) -> dict:
+    """Writes the four official text files, the images and README.txt; returns a summary.
+
+    Summary: {split: {"file", "lines" (incl. blank), "rows" (non-blank lines a parser reads),
+    "examples" (rows a correct builder keeps = rows - short_row - duplicate_id - missing_image -
+    corrupt_image), "dirty": {kind: count for every kind in DIRTY_KINDS},
+    "dirty_rows": [{"kind", "id" (None for the blank line), "line" (1-based)}, ...]}}.
+    """
+    spec.validate()
+    out = pathlib.Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    catalogue = make_catalogue(spec.num_products, spec.seed)
+    renderer = Renderer(catalogue, spec.image_size, spec.seed)
+    summary = {s: write_split(out, spec, catalogue, renderer, s) for s in SPLITS}
+    counts = {s: {k: v for k, v in summary[s].items() if k != "dirty_rows"} for s in SPLITS}
+    (out / "README.txt").write_text(
+        "SYNTHETIC Product1M-format data made by tfds_product1m/synthetic.py: made-up products, "
+        "drawn images; not the real dataset.\n"
+        f"seed: {spec.seed}\nspec: {json.dumps(dataclasses.asdict(spec))}\n"
+        "images: images/<split>/<last two id digits>/<id>.jpg\n"
+        f"dirty rows (see the module docstring): {json.dumps(counts, ensure_ascii=False)}\n",
+        encoding="utf-8")
+    return summary
+
+
+def _count(minimum: int):
+    """argparse type: an integer >= minimum, else one clear sentence."""
+    def integer(text: str) -> int:
+        if not text.lstrip("-").isdigit() or int(text) < minimum:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {text!r}")
+        return int(text)
+    return integer
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Command line: writes a synthetic Product1M directory and prints a one-line summary."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", required=True, help="output directory")
+    flags = {"products": ("num_products", 2), "train": ("num_train", 1),
+             "gallery_per_product": ("gallery_per_product", 1), "dev": ("num_dev", 1),
+             "test": ("num_test", 1), "image_size": ("image_size", 32), "seed": ("seed", 0)}
+    for flag, (field, minimum) in flags.items():
+        ap.add_argument(f"--{flag}", dest=field, type=_count(minimum),
+                        default=getattr(SyntheticSpec(), field), help=f"integer >= {minimum}")
+    ap.add_argument("--no_dirty", dest="dirty", action="store_false",
+                    help="write no deliberately dirty rows")
+    args = vars(ap.parse_args(argv))
+    out_dir = args.pop("out")
+    spec = SyntheticSpec(**args)
+    try:
+        spec.validate()
+    except ValueError as e:
+        ap.error(str(e))
+    start = time.perf_counter()
+    summary = write_product1m(out_dir, spec)
+    secs = time.perf_counter() - start
+    rows = sum(s["rows"] for s in summary.values())
+    kept = ", ".join(f"{split} {s['examples']}" for split, s in summary.items())
+    print(f"wrote {rows} rows ({kept} valid examples) to {out_dir} in {secs:.1f}s "
+          f"({rows / secs:.0f} rows/s)")
+    return summary
+
+
+if __name__ == "__main__":
+    main()
