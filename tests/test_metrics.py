@@ -1,0 +1,256 @@
+"""Official Product1M scores: hand-computed rank lists, a literal reference, and the command."""
+
+import json
+
+import numpy as np
+import pytest
+
+from capture_jax import metrics
+
+# Gallery: label A has 5 items, B 3, C 2, D 1, X 20.
+SIZES = {"A": 5, "B": 3, "C": 2, "D": 1, "X": 20}
+GALLERY = {f"{lab.lower()}{i}": lab for lab, n in SIZES.items() for i in range(1, n + 1)}
+X = [f"x{i}" for i in range(1, 21)]
+
+
+def one(ranked, labels, ns=metrics.NS):
+    """Per-query (AP, Prec, AR) of a single query, for each N."""
+    per_query, warnings = metrics.per_query_scores([ranked], [labels], GALLERY, ns)
+    got = {n: tuple(float(s[k][0]) for k in ("AP", "Prec", "AR")) for n, s in per_query.items()}
+    return got, warnings
+
+
+def check(got, want):
+    assert set(got) == set(want)
+    for n in want:
+        np.testing.assert_allclose(got[n], want[n], rtol=0, atol=1e-12, err_msg=f"N={n}")
+
+
+def test_perfect_ranking():
+    # P = 5, k = min(N, 5, 5) = 5, all hits: Prec = AP = 1. e_A = min(N, 5) = 5, g_A = 5: AR = 1.
+    got, warnings = one(["a1", "a2", "a3", "a4", "a5"], ["A"])
+    check(got, {n: (1, 1, 1) for n in metrics.NS})
+    assert warnings == []
+
+
+def test_hits_at_1_3_4():
+    # P = 5, |R| = 10, so k = 5 for every N. First 5: a1 x1 a2 a3 x2 -> h = 3, Prec = 3/5.
+    # AP = (1/1 + 2/3 + 3/4) / 3 = 29/36 (normalised by hits found, not by min(N, P) = 5).
+    # AR: e_A = min(N, 5) = 5, g_A = 3 -> 3/5.
+    got, _ = one(["a1", "x1", "a2", "a3", "x2", "x3", "x4", "x5", "x6", "x7"], ["A"])
+    check(got, {n: (29 / 36, 3 / 5, 3 / 5) for n in metrics.NS})
+
+
+def test_duplicate_label_counts_twice_in_p():
+    # L = [D, D]: P = 1 + 1 = 2, so k = min(10, 2, 10) = 2; first 2: d1 (hit), x1 -> Prec = 1/2.
+    # (With P = 1, Prec would be 1.) AP = 1. e_D = 2 * floor(N/2) capped at 1 -> 1, g_D = 1: AR = 1.
+    got, _ = one(["d1", *X[:9]], ["D", "D"])
+    check(got, {n: (1, 1 / 2, 1) for n in metrics.NS})
+
+
+def test_duplicate_label_doubles_expected_count():
+    # L = [X, X, B], |L| = 3, N = 10: floor(10/3) = 3, e_X = 2*3 = 6, e_B = min(3, 3) = 3.
+    # P = 20 + 20 + 3 = 43, k = 10. Hits at 1..6 and 10 (d1, c1, c2 are not in Pos): Prec = 7/10,
+    # AP = (6 * 1 + 7/10) / 7 = 67/70. AR = (g_X/e_X + g_B/e_B) / 2 = (5/6 + 2/3) / 2 = 3/4.
+    # (Without doubling, e_X = 3 and g_X/e_X = min(5, 3)/3 = 1.)
+    ranked = ["x1", "x2", "x3", "x4", "x5", "b1", "d1", "c1", "c2", "b2"]
+    got, _ = one(ranked, ["X", "X", "B"], ns=(10,))
+    check(got, {10: (67 / 70, 7 / 10, 3 / 4)})
+
+
+def test_more_labels_than_n_gives_ar_zero():
+    # L = [A] * 11. N = 10: floor(10/11) = 0, so e_A = 0 while a retrieved item has label A: the
+    # official script fails on AR and adds 0. N = 50: e_A = min(11 * 4, 5) = 5, g_A = 3 -> 3/5.
+    # Prec/AP still count: P = 55, |R| = 5, k = 5, hits 1..3 -> Prec = 3/5, AP = 1.
+    got, _ = one(["a1", "a2", "a3", "x1", "x2"], ["A"] * 11, ns=(10, 50))
+    check(got, {10: (1, 3 / 5, 0), 50: (1, 3 / 5, 3 / 5)})
+
+
+def test_expected_count_capped_by_gallery():
+    # L = [C, X], N = 10: floor(10/2) = 5, e_C = min(5, 2) = 2, e_X = min(5, 20) = 5.
+    # R = c1 c2 x1 x2 x3 a1..a5: g_C = 2 -> 1, g_X = 3 -> 3/5, AR = (1 + 3/5) / 2 = 4/5.
+    # P = 22, k = 10, hits 1..5: Prec = 1/2, AP = 1.
+    got, _ = one(["c1", "c2", "x1", "x2", "x3", "a1", "a2", "a3", "a4", "a5"], ["C", "X"], ns=(10,))
+    check(got, {10: (1, 1 / 2, 4 / 5)})
+
+
+def test_ranked_list_shorter_than_n():
+    # L = [X], R = x1 x2 a1: k = min(N, 20, 3) = 3, h = 2, Prec = 2/3, AP = (1 + 1) / 2 = 1.
+    # AR: N = 10: e_X = 10 -> 2/10; N = 50 and 100: e_X = min(N, 20) = 20 -> 2/20.
+    got, _ = one(["x1", "x2", "a1"], ["X"])
+    check(got, {10: (1, 2 / 3, 1 / 5), 50: (1, 2 / 3, 1 / 10), 100: (1, 2 / 3, 1 / 10)})
+
+
+def test_unknown_gallery_ids_are_misses_but_count_in_r():
+    # R = zz a1 "" a2: |R| = 4, k = min(N, 5, 4) = 4, hits at 2 and 4: Prec = 2/4,
+    # AP = (1/2 + 2/4) / 2 = 1/2. AR: e_A = 5, g_A = 2 -> 2/5.
+    got, warnings = one(["zz", "a1", "", "a2"], ["A"])
+    check(got, {n: (1 / 2, 1 / 2, 2 / 5) for n in metrics.NS})
+    assert len(warnings) == 1 and "2 retrieved ids" in warnings[0]
+    assert "not gallery ids" in warnings[0]
+
+
+def test_empty_ranked_list_scores_zero():
+    # k = 0: defined as 0 (the official script divides by zero and adds 0).
+    got, _ = one([], ["A"])
+    check(got, {n: (0, 0, 0) for n in metrics.NS})
+
+
+def test_label_absent_from_gallery_scores_zero_and_counts():
+    # Query 0 is perfect (1 everywhere); query 1 also lists "Z", which has no gallery item: 0 on
+    # every metric, but it counts in the means -> 50%.
+    perfect = ["a1", "a2", "a3", "a4", "a5"]
+    scores, warnings = metrics.score([perfect] * 2, [["A"], ["A", "Z"]], GALLERY,
+                                     query_ids=["q0", "q1"])
+    assert scores == {f"top{n}": {"mAP": 50.0, "Prec": 50.0, "mAR": 50.0} for n in metrics.NS}
+    assert len(warnings) == 1 and "no gallery item" in warnings[0] and "q1" in warnings[0]
+
+
+def test_unknown_query_id_counts_in_denominator():
+    # Lines: q0 perfect for [A], q1 hits at 1, 3, 4 (see above), q9 unknown -> 0.
+    # mAP@10 = (1 + 29/36 + 0) / 3, Prec@10 = (1 + 3/5) / 3, mAR@10 = (1 + 3/5) / 3.
+    entries = [("q0", ["a1", "a2", "a3", "a4", "a5"]),
+               ("q1", ["a1", "x1", "a2", "a3", "x2", "x3", "x4", "x5", "x6", "x7"]), ("q9", ["a1"])]
+    query_gt = {"q0": ("A",), "q1": ("A",)}
+    ids, ranked, labels, warnings = metrics.align_with_ground_truth(entries, query_gt)
+    assert labels[2] is None and len(warnings) == 1 and "q9" in warnings[0]
+    scores, more = metrics.score(ranked, labels, GALLERY, query_ids=ids)
+    assert more == []
+    want = [100 * (1 + 29 / 36) / 3, 100 * (1 + 3 / 5) / 3, 100 * (1 + 3 / 5) / 3]
+    for n in metrics.NS:
+        got = [scores[f"top{n}"][k] for k in ("mAP", "Prec", "mAR")]
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-12)
+
+
+def test_ndarray_input_matches_lists():
+    rng = np.random.default_rng(1)
+    ranked = rng.choice(list(GALLERY), size=(7, 30))
+    labels = [list(rng.choice(list(SIZES), size=rng.integers(1, 4))) for _ in range(7)]
+    assert metrics.score(ranked, labels, GALLERY) == metrics.score(ranked.tolist(), labels, GALLERY)
+
+
+# A slow, literal reading of PRODUCT1M.md, "The official scores", one query at a time.
+def reference_scores(entries, query_gt, gallery, n):
+    items_of = {}
+    for gid, label in gallery.items():
+        items_of.setdefault(label, []).append(gid)
+    out = []
+    for query_id, ranked in entries:
+        labels = query_gt.get(query_id)
+        if labels is None or any(label not in items_of for label in labels):
+            out.append((0.0, 0.0, 0.0))  # Unknown id or a label without gallery items: 0, counted.
+            continue
+        pos = {gid for label in labels for gid in items_of[label]}
+        p = sum(len(items_of[label]) for label in labels)
+        k = min(n, p, len(ranked))
+        hits, ap = 0, 0.0
+        for i in range(k):
+            if ranked[i] in pos:
+                hits += 1
+                ap += hits / (i + 1)
+        prec = hits / k if k else 0.0
+        ap = ap / hits if hits else 0.0
+        expected = {}
+        for label in labels:
+            expected[label] = expected.get(label, 0) + n // len(labels)
+        expected = {label: min(e, len(items_of[label])) for label, e in expected.items()}
+        got = {}
+        for gid in ranked[:n]:
+            label = gallery.get(gid)
+            if label in expected:
+                got[label] = got.get(label, 0) + 1
+        if any(expected[label] == 0 for label in got):
+            ar = 0.0  # The official script's division by zero.
+        else:
+            ar = sum(min(g, expected[label]) / expected[label] for label, g in got.items())
+            ar /= len(set(labels))
+        out.append((ap, prec, ar))
+    return np.array(out).reshape(-1, 3)
+
+
+def random_problem(rng):
+    num_labels = int(rng.integers(1, 12))
+    gallery = {f"g{i}": f"L{rng.integers(num_labels)}" for i in range(int(rng.integers(1, 150)))}
+    gallery_ids = list(gallery)
+    query_gt, entries = {}, []
+    for q in range(int(rng.integers(1, 25))):
+        # Labels may repeat and, rarely, be absent from the gallery (L{num_labels + 1}).
+        query_gt[f"q{q}"] = tuple(f"L{rng.integers(num_labels + (rng.random() < 0.05))}"
+                                  for _ in range(int(rng.integers(1, 13))))
+        query_id = f"q{q}" if rng.random() > 0.1 else f"unknown{q}"
+        ranked = [gallery_ids[j] if rng.random() > 0.05 else "stray" for j in
+                  rng.integers(len(gallery_ids), size=int(rng.integers(0, 121)))]
+        entries.append((query_id, ranked))
+    return entries, query_gt, gallery
+
+
+def test_matches_literal_reference_on_random_problems():
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        entries, query_gt, gallery = random_problem(rng)
+        ids, ranked, labels, _ = metrics.align_with_ground_truth(entries, query_gt)
+        ns = (1, 5, 10, 50, 100)
+        per_query, _ = metrics.per_query_scores(ranked, labels, gallery, ns)
+        scores, _ = metrics.score(ranked, labels, gallery, ns)
+        for n in ns:
+            want = reference_scores(entries, query_gt, gallery, n)
+            got = np.stack([per_query[n][k] for k in ("AP", "Prec", "AR")], axis=1)
+            np.testing.assert_allclose(got, want, rtol=0, atol=1e-12)
+            means = [scores[f"top{n}"][k] for k in ("mAP", "Prec", "mAR")]
+            np.testing.assert_allclose(means, 100 * want.mean(0), rtol=0, atol=1e-10)
+
+
+def test_retrieval_file_round_trip(tmp_path):
+    path = tmp_path / "retrieval_id_list.txt"
+    metrics.write_retrieval_file(path, ["q1", "q2"], np.array([["g1", "g2"], ["g3", "g4"]]))
+    assert path.read_text() == "q1,g1,g2\nq2,g3,g4\n"
+    path.write_bytes(b"q1, g1,g2\r\n\r\n  \nq2\r\nq3,g1,\n")
+    want = [("q1", ["g1", "g2"]), ("q2", []), ("q3", ["g1", ""])]
+    assert metrics.read_retrieval_file(path) == want
+
+
+def write_gt(folder):
+    row = "{}#####title {}#####https://a/{}.jpg#####https://b/{}.jpg#####{}"
+    files = {"gallery": [("g1", "Brand A"), ("g2", "Brand A"), ("g3", "Brand B")],
+             "dev": [("q1", "Brand A#;#Brand A ")],  # Duplicate label, stray space.
+             "test": [("q2", "Brand B")]}
+    for split, rows in files.items():
+        lines = [row.format(i, i, i, i, labels) for i, labels in rows]
+        text = "\r\n".join(lines) + "\r\n"
+        (folder / f"product1m_{split}_ossurl_v2.txt").write_bytes(text.encode())
+
+
+def test_command_writes_official_json(tmp_path, capsys):
+    write_gt(tmp_path)
+    (tmp_path / "ret.txt").write_bytes(b"q1,g1,g3,g2\r\nq2,g3\r\nqX,g1\r\n")
+    metrics.main(["--gt_dir", str(tmp_path), "--retrieval_file", str(tmp_path / "ret.txt"),
+                  "--output_dir", str(tmp_path / "out")])
+    # q1: L = [A, A], P = 4, k = min(N, 4, 3) = 3, hits 1 and 3: Prec = 2/3, AP = (1 + 2/3)/2 = 5/6;
+    # e_A = min(2 * floor(N/2), 2) = 2, g_A = 2: AR = 1. q2: k = 1, all 1. qX unknown: 0.
+    # Means over 3 lines: mAP = (5/6 + 1)/3 = 11/18, Prec = (2/3 + 1)/3 = 5/9, mAR = 2/3.
+    scores = json.loads((tmp_path / "out" / "metric_results.json").read_text())
+    assert list(scores) == ["top10", "top50", "top100"]
+    for s in scores.values():
+        assert list(s) == ["mAP", "Prec", "mAR"]
+        want = [100 * 11 / 18, 100 * 5 / 9, 100 * 2 / 3]
+        np.testing.assert_allclose(list(s.values()), want, rtol=0, atol=1e-12)
+    printed = capsys.readouterr().out
+    assert "top10: mAP 61.1111" in printed and "qX" in printed
+    # Test queries only: q1 is now unknown.
+    metrics.main(["--gt_dir", str(tmp_path), "--retrieval_file", str(tmp_path / "ret.txt"),
+                  "--output_dir", str(tmp_path / "out"), "--split", "test"])
+    scores = json.loads((tmp_path / "out" / "metric_results.json").read_text())
+    np.testing.assert_allclose(list(scores["top10"].values()), [100 / 3] * 3, atol=1e-12)
+
+
+@pytest.mark.parametrize("missing", ["product1m_dev_ossurl_v2.txt", "ret.txt"])
+def test_command_missing_file_exits_2(tmp_path, capsys, missing):
+    write_gt(tmp_path)
+    (tmp_path / "ret.txt").write_text("q1,g1\n")
+    (tmp_path / missing).unlink()
+    with pytest.raises(SystemExit) as e:
+        metrics.main(["--gt_dir", str(tmp_path), "--retrieval_file", str(tmp_path / "ret.txt"),
+                      "--output_dir", str(tmp_path / "out")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert missing in err and "not found" in err and "Traceback" not in err
