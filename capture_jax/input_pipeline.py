@@ -1,0 +1,400 @@
+"""Product1M input pipeline: TFDS `tfds_product1m` -> tf.data -> tokenised, masked batches.
+
+Batches are dicts of numpy arrays for ONE host (B = per-host batch = global batch / process
+count); `make_global_batch` turns them into global `jax.Array`s. The canonical keys:
+
+  text_ids    int32   [B, T]  WordPiece ids `[CLS] title [SEP] 0 ...`, MLM-masked in training.
+  text_mask   int32   [B, T]  1 for real tokens (CLS and SEP included), 0 for padding.
+  mlm_labels  int32   [B, T]  original id at MLM-selected positions, -1 elsewhere (all -1 in eval).
+  image       float32 [B, H, W, 3]  RGB resized keeping the aspect ratio, padded with black to
+                              H = W = image_size, scaled to [0, 1], then normalised with the
+                              ImageNet mean/std below (input of the `pixels` front end).
+  mrm_mask    float32 [B, P]  1 = patch selected for the MRM loss; P = (H / patch) * (W / patch),
+                              patches in row-major order. All 0 in eval.
+  mrm_zero    float32 [B, P]  1 = patch the model must zero (about 90% of mrm_mask). All 0 in eval.
+  valid       int32   [B]     eval only: 1 real row, 0 padding row (the last batches are padded).
+Eval also yields, outside the dict (jax arrays cannot hold strings), `item_ids` (np.ndarray of
+str, "" for padding rows) and `labels` (list of lists of str, duplicates and order kept).
+T = config.model.max_text_len. The model applies `mrm_zero` and derives MRM targets itself.
+
+Masking (CAPTURE_SPEC "Pretraining objectives"): MLM selects each real token except CLS/SEP with
+p = mlm_prob; of those 80% -> [MASK], 10% -> uniform id in [first_regular_id, vocab_size), 10%
+kept. MRM selects each patch with p = mrm_prob; 90% of those are zeroed. The randomness of an
+example depends only on (config.seed, its global position in the training stream: step *
+global_batch + row in the global batch), through `tf.random.stateless_*`, so a resumed run
+(`start_step`) replays exactly the same examples with exactly the same masks.
+
+Config fields read:
+  dataset.name (e.g. "tfds_product1m/synthetic_tiny"; synthetic configs are built on first use),
+  dataset.data_dir (None = TFDS default), dataset.train_split, dataset.shuffle_buffer,
+  vocab_path (None = learn a WordPiece vocab from the train titles into workdir/vocab.txt),
+  vocab_size (target size of a learned vocab), model.max_text_len, model.visual.image_size,
+  model.visual.patch_size, global_batch_size, eval_batch_size (per host), seed,
+  masking.mlm_prob, masking.mrm_prob.
+
+TensorFlow is hidden from GPUs/TPUs at import: it only feeds the host, and would otherwise grab
+accelerator memory that JAX preallocates.
+"""
+
+from __future__ import annotations
+
+import collections.abc
+import math
+
+import jax
+import numpy as np
+import tensorflow as tf
+
+for _kind in ("GPU", "TPU"):  # Before any TF op runs; harmless if TF already chose devices.
+    try:
+        tf.config.set_visible_devices([], _kind)
+    except (RuntimeError, ValueError):
+        pass
+
+import tensorflow_datasets as tfds  # noqa: E402
+import tensorflow_text as tf_text  # noqa: E402
+from jax.experimental import multihost_utils  # noqa: E402
+from jax.sharding import NamedSharding  # noqa: E402
+from tensorflow_text.python.ops.bert_tokenizer import BasicTokenizer  # noqa: E402
+from tensorflow_text.tools.wordpiece_vocab import bert_vocab_from_dataset as bert_vocab  # noqa
+
+import tfds_product1m  # noqa: E402,F401  (registers the dataset)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+RESERVED_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")  # ids 0..4 of a learned vocab
+AUTOTUNE = tf.data.AUTOTUNE
+
+
+# --------------------------------------------------------------------------- vocabulary
+def _is_cjk(char: str) -> bool:
+    """The CJK ideograph ranges that BERT's basic tokenizer splits into single characters."""
+    cp = ord(char)
+    return any(lo <= cp <= hi for lo, hi in (
+        (0x4E00, 0x9FFF), (0x3400, 0x4DBF), (0x20000, 0x2A6DF), (0x2A700, 0x2B73F),
+        (0x2B740, 0x2B81F), (0x2B820, 0x2CEAF), (0xF900, 0xFAFF), (0x2F800, 0x2FA1F)))
+
+
+def _on_process_0(name: str, fn) -> None:
+    """Runs `fn` on process 0 only; every process leaves when it is done (multi-host barrier)."""
+    if jax.process_index() == 0:
+        fn()
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
+
+
+def learn_vocab(titles: collections.abc.Iterable[str], vocab_size: int) -> list[str]:
+    """A WordPiece vocab (RESERVED_TOKENS first) plus every CJK character of `titles`."""
+    titles = [t.encode() for t in titles]
+    if not titles:
+        raise ValueError("No titles to learn a vocabulary from: set --config.vocab_path instead.")
+    ds = tf.data.Dataset.from_tensor_slices(tf.constant(titles, tf.string)).batch(1024)
+    vocab = bert_vocab.bert_vocab_from_dataset(
+        ds, vocab_size=vocab_size, reserved_tokens=list(RESERVED_TOKENS),
+        bert_tokenizer_params={"lower_case": True}, learn_params={})
+    # Words as the tokenizer sees them (case-folded, NFD, accents stripped); CJK come out single.
+    chars = set()
+    for words in ds.map(BasicTokenizer(lower_case=True).tokenize):
+        chars.update(w.decode() for w in np.unique(words.flat_values.numpy()))
+    chars = {c for c in chars if len(c) == 1 and _is_cjk(c)}
+    rest = [t for t in vocab if t not in RESERVED_TOKENS]
+    return list(RESERVED_TOKENS) + rest + sorted(chars - set(rest))
+
+
+def get_vocab_path(config, workdir: str) -> str:
+    """The vocab file to use: `config.vocab_path`, else workdir/vocab.txt (learned once, reused)."""
+    if config.vocab_path:
+        if not tf.io.gfile.exists(config.vocab_path):
+            raise FileNotFoundError(
+                f"Vocabulary file {config.vocab_path} does not exist: set --config.vocab_path to a "
+                "bert-base-chinese style vocab.txt, or to None to learn one from the train titles.")
+        return config.vocab_path
+    path = f"{workdir}/vocab.txt"
+    builder = _builder(config, config.dataset.train_split)  # Every process: may build (collective).
+
+    def write():
+        if tf.io.gfile.exists(path):
+            return  # Resumed / evaluation run: the model's ids are tied to this file.
+        ds = builder.as_dataset(
+            split=config.dataset.train_split, shuffle_files=False,
+            decoders={"image": tfds.decode.SkipDecoding()},
+            read_config=tfds.ReadConfig(try_autocache=False))
+        titles = [t.decode() for t in ds.map(lambda ex: ex["title"]).as_numpy_iterator()]
+        vocab = learn_vocab(titles, config.vocab_size)
+        tf.io.gfile.makedirs(workdir)
+        tmp = f"{path}.tmp-{jax.process_index()}"
+        with tf.io.gfile.GFile(tmp, "w") as f:
+            f.write("".join(t + "\n" for t in vocab))
+        tf.io.gfile.rename(tmp, path, overwrite=True)  # Atomic: readers see no half file.
+
+    _on_process_0("capture_vocab", write)
+    if not tf.io.gfile.exists(path):
+        raise FileNotFoundError(
+            f"{path} was not written by process 0: put the workdir on a filesystem that all "
+            "hosts share, or pass --config.vocab_path.")
+    return path
+
+
+class Tokenizer:
+    """`[CLS] wordpieces [SEP]` padded with [PAD] to `max_len`, as tf ops (FastBertTokenizer).
+
+    Lower-cases, strips accents and splits every CJK character into its own token, like
+    bert-base-chinese. Special ids are looked up by token string, so both a learned vocab and
+    the original 21,128-token bert-base-chinese vocab work.
+    """
+
+    def __init__(self, vocab_path: str, max_len: int):
+        with tf.io.gfile.GFile(vocab_path) as f:
+            self.vocab = [line.rstrip("\r\n") for line in f]
+        index = {t: i for i, t in enumerate(self.vocab)}
+        missing = [t for t in RESERVED_TOKENS if t not in index]
+        if missing:
+            raise ValueError(f"Vocabulary {vocab_path} lacks {missing}: use a BERT vocab.txt.")
+        if max_len < 3:
+            raise ValueError(f"max_text_len must be >= 3 (CLS, a token, SEP), got {max_len}.")
+        self.max_len = max_len
+        self.pad_id, self.unk_id, self.cls_id, self.sep_id, self.mask_id = (
+            index[t] for t in RESERVED_TOKENS)
+        self.vocab_size = len(self.vocab)
+        # Random MLM replacements skip the leading block of "[...]" tokens ([PAD], [unused*]...).
+        self.first_regular_id = next(
+            (i for i, t in enumerate(self.vocab) if not (t.startswith("[") and t.endswith("]"))),
+            self.vocab_size)
+        self._tokenizer = tf_text.FastBertTokenizer(
+            vocab=self.vocab, lower_case_nfd_strip_accents=True, token_out_type=tf.int64)
+
+    def encode(self, titles: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        """[N] strings -> (ids int32 [N, T], mask int32 [N, T])."""
+        tokens = self._tokenizer.tokenize(titles)[:, : self.max_len - 2]
+        ids, _ = tf_text.combine_segments([tokens], self.cls_id, self.sep_id)
+        ids, mask = tf_text.pad_model_inputs(ids, self.max_len, pad_value=self.pad_id)
+        return tf.cast(ids, tf.int32), tf.cast(mask, tf.int32)
+
+    def tokens(self, ids: collections.abc.Iterable[int]) -> list[str]:
+        """Token strings of `ids` (for tests and debugging)."""
+        return [self.vocab[int(i)] for i in ids]
+
+
+def load_tokenizer(config, workdir: str) -> Tokenizer:
+    """The tokenizer of this run; its `vocab_size` is the model's vocabulary size."""
+    return Tokenizer(get_vocab_path(config, workdir), config.model.max_text_len)
+
+
+# --------------------------------------------------------------------------- masking
+def example_seed(seed: int, position: tf.Tensor) -> tf.Tensor:
+    """The stateless seed [2] of the example at global stream `position`."""
+    base = tf.constant([seed, 0x43415054], tf.int64)  # "CAPT": separates it from other uses.
+    return tf.random.experimental.stateless_fold_in(base, tf.cast(position, tf.int64))
+
+
+def mask_tokens(ids: tf.Tensor, seed: tf.Tensor, tokenizer: Tokenizer, prob: float):
+    """BERT MLM masking of `ids` (any shape) -> (masked ids, labels: original id or -1)."""
+    s_select, s_kind, s_random = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
+    candidate = ((ids != tokenizer.pad_id) & (ids != tokenizer.cls_id)
+                 & (ids != tokenizer.sep_id))
+    selected = candidate & (tf.random.stateless_uniform(tf.shape(ids), s_select) < prob)
+    kind = tf.random.stateless_uniform(tf.shape(ids), s_kind)
+    random_ids = tf.random.stateless_uniform(
+        tf.shape(ids), s_random, minval=tokenizer.first_regular_id,
+        maxval=tokenizer.vocab_size, dtype=ids.dtype)
+    masked = tf.where(selected & (kind < 0.8), tf.cast(tokenizer.mask_id, ids.dtype), ids)
+    masked = tf.where(selected & (kind >= 0.8) & (kind < 0.9), random_ids, masked)
+    return masked, tf.where(selected, ids, tf.constant(-1, ids.dtype))
+
+
+def mask_patches(num_patches: int, seed: tf.Tensor, prob: float):
+    """MRM masks float32 [P]: (selected for the loss, zeroed = ~90% of the selected)."""
+    s_select, s_zero = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+    selected = tf.random.stateless_uniform([num_patches], s_select) < prob
+    zero = selected & (tf.random.stateless_uniform([num_patches], s_zero) < 0.9)
+    return tf.cast(selected, tf.float32), tf.cast(zero, tf.float32)
+
+
+# --------------------------------------------------------------------------- images
+def decode_image(jpeg: tf.Tensor, size: int) -> tf.Tensor:
+    """JPEG bytes -> float32 [size, size, 3] in 0..255, aspect kept, padded with black."""
+    image = tf.io.decode_jpeg(jpeg, channels=3)
+    return tf.image.resize_with_pad(image, size, size, antialias=True)
+
+
+def normalize_images(images: tf.Tensor) -> tf.Tensor:
+    """0..255 -> [0, 1] -> ImageNet mean/std normalisation (per batch: one vectorised op)."""
+    return (images / 255.0 - tf.constant(IMAGENET_MEAN)) / tf.constant(IMAGENET_STD)
+
+
+# --------------------------------------------------------------------------- datasets
+def _builder(config, split: str | None = None) -> tfds.core.DatasetBuilder:
+    """The TFDS builder, with `split` checked; synthetic configs are built on first use."""
+    name, data_dir = config.dataset.name, config.dataset.data_dir
+    builder = tfds.builder(name, data_dir=data_dir)
+    if not builder.is_prepared() and "synthetic" not in name:
+        where = data_dir or "the TFDS default data_dir"
+        raise FileNotFoundError(
+            f"Dataset {name} is not built in {where}: run `tfds build tfds_product1m "
+            f"--config={name.split('/')[-1]} --manual_dir=DIR --data_dir=DATA_DIR` first, then "
+            "set --config.dataset.data_dir=DATA_DIR.")
+    if not builder.is_prepared():  # Synthetic: no download, build it now.
+        _on_process_0("capture_build_dataset", builder.download_and_prepare)
+        builder = tfds.builder(name, data_dir=data_dir)
+        if not builder.is_prepared():  # A data_dir that is not shared: build locally.
+            builder.download_and_prepare()
+    if split is not None and split not in builder.info.splits:
+        raise ValueError(f"Split {split!r} is not in {builder.info.full_name} (built splits: "
+                         f"{sorted(builder.info.splits)}); choose one of those.")
+    return builder
+
+
+def _train_records(builder, split, seed: int, buffer: int, start: int) -> tf.data.Dataset:
+    """(position, serialized example) from stream position `start` on, shuffled per epoch.
+
+    Epoch e's order (file order, then a `buffer`-row shuffle) depends only on (seed, e). Whole
+    epochs before `start` are never read and the rest are skipped still serialized, so resuming
+    late in a long run costs at most one epoch of raw reads (no parsing, no image decoding).
+    """
+    if builder.info.file_format.value != "tfrecord":
+        raise ValueError(f"{builder.info.full_name} is stored as {builder.info.file_format.value}: "
+                         "rebuild it with the default --file_format=tfrecord.")
+    instructions = builder.info.splits[split].file_instructions
+    per_epoch = sum(i.take for i in instructions)
+    if per_epoch == 0:
+        raise ValueError(f"Split {split} is empty on this host: use more data or fewer hosts.")
+    files = [i for i in instructions if i.take]
+    files_ds = tf.data.Dataset.from_tensor_slices((
+        [i.filename for i in files], tf.constant([i.skip for i in files], tf.int64),
+        tf.constant([i.take for i in files], tf.int64)))
+
+    def epoch(e):
+        key = tf.random.experimental.stateless_fold_in(tf.constant([seed, 0x45504F43], tf.int64), e)
+        s_files, s_rows = tf.unstack(tf.random.stateless_uniform(
+            [2], key, minval=None, maxval=None, dtype=tf.int64))
+        records = files_ds.shuffle(len(files), seed=s_files).interleave(
+            lambda f, skip, take: tf.data.TFRecordDataset(f).skip(skip).take(take),
+            cycle_length=min(16, len(files)), num_parallel_calls=AUTOTUNE, deterministic=True)
+        return records.shuffle(buffer, seed=s_rows)
+
+    first_epoch, offset = divmod(start, per_epoch)
+    ds = tf.data.Dataset.range(first_epoch, 2**62).flat_map(epoch).skip(offset)
+    return ds.enumerate(start=start)
+
+
+def create_train_iterator(config, workdir: str, *, start_step: int = 0):
+    """Infinite iterator of per-host training batches (numpy dicts), starting at `start_step`.
+
+    Each host reads its own even slice of the train split, shuffled from `config.seed` (a new
+    order every epoch). Batch k of a run resumed at `start_step` equals batch start_step + k of
+    an uninterrupted run, masks included.
+    """
+    n_proc, pid = jax.process_count(), jax.process_index()
+    if config.global_batch_size % n_proc:
+        raise ValueError(f"global_batch_size {config.global_batch_size} is not divisible by the "
+                         f"{n_proc} processes: choose a multiple of {n_proc}.")
+    local_batch, global_batch = config.global_batch_size // n_proc, config.global_batch_size
+    tokenizer = load_tokenizer(config, workdir)
+    size, patch = config.model.visual.image_size, config.model.visual.patch_size
+    if size % patch:
+        raise ValueError(f"image_size {size} is not a multiple of patch_size {patch}: fix one.")
+    num_patches = (size // patch) ** 2
+    builder = _builder(config, config.dataset.train_split)
+    split = tfds.even_splits(config.dataset.train_split, n=n_proc, drop_remainder=True)[pid]
+    ds = _train_records(builder, split, config.seed, max(1, config.dataset.shuffle_buffer),
+                        int(start_step) * local_batch)
+    features, decoders = builder.info.features, {"image": tfds.decode.SkipDecoding()}
+    mlm_prob, mrm_prob, seed = config.masking.mlm_prob, config.masking.mrm_prob, config.seed
+
+    def example(local_position, serialized):
+        ex = features.deserialize_example(serialized, decoders=decoders)
+        step, row = local_position // local_batch, local_position % local_batch
+        key = example_seed(seed, step * global_batch + pid * local_batch + row)
+        k_text, k_patch = tf.unstack(tf.random.experimental.stateless_split(key, 2))
+        ids, mask = tokenizer.encode(ex["title"][None])
+        text_ids, mlm_labels = mask_tokens(ids[0], k_text, tokenizer, mlm_prob)
+        mrm_mask, mrm_zero = mask_patches(num_patches, k_patch, mrm_prob)
+        return {"text_ids": text_ids, "text_mask": mask[0], "mlm_labels": mlm_labels,
+                "image": decode_image(ex["image"], size), "mrm_mask": mrm_mask,
+                "mrm_zero": mrm_zero}
+
+    ds = ds.map(example, num_parallel_calls=AUTOTUNE, deterministic=True)
+    ds = ds.batch(local_batch, drop_remainder=True)
+    ds = ds.map(lambda b: {**b, "image": normalize_images(b["image"])},
+                num_parallel_calls=AUTOTUNE, deterministic=True)
+    return ds.prefetch(AUTOTUNE).as_numpy_iterator()
+
+
+class EvalDataset:
+    """Re-iterable per-host eval batches: `(batch, item_ids, labels)`; `len()` = batch count.
+
+    Every host yields the same number of batches (its slice padded with `valid` = 0 rows), so
+    collective ops inside a jitted eval step line up across hosts.
+    """
+
+    def __init__(self, config, workdir: str, split: str):
+        self._config = config
+        self._tokenizer = load_tokenizer(config, workdir)
+        self._builder = _builder(config, split)
+        n_proc, pid = jax.process_count(), jax.process_index()
+        self._subsplit = tfds.even_splits(split, n=n_proc, drop_remainder=False)[pid]
+        self.num_examples = self._builder.info.splits[split].num_examples  # All hosts together.
+        self._local_examples = self._builder.info.splits[self._subsplit].num_examples
+        per_host = math.ceil(self.num_examples / n_proc)
+        self.batch_size = config.eval_batch_size
+        self.num_batches = math.ceil(per_host / self.batch_size)
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    def _dataset(self) -> tf.data.Dataset:
+        size, patch = self._config.model.visual.image_size, self._config.model.visual.patch_size
+        t, p, tok = self._config.model.max_text_len, (size // patch) ** 2, self._tokenizer
+        ds = self._builder.as_dataset(
+            split=self._subsplit, shuffle_files=False,
+            decoders={"image": tfds.decode.SkipDecoding()},
+            read_config=tfds.ReadConfig(try_autocache=False))
+
+        def example(ex):
+            ids, mask = tok.encode(ex["title"][None])
+            return {"text_ids": ids[0], "text_mask": mask[0], "mlm_labels": -tf.ones([t], tf.int32),
+                    "image": decode_image(ex["image"], size), "mrm_mask": tf.zeros([p]),
+                    "mrm_zero": tf.zeros([p]), "valid": tf.constant(1, tf.int32),
+                    "item_id": ex["id"], "labels": ex["labels"],
+                    "num_labels": tf.size(ex["labels"], out_type=tf.int32)}
+
+        ds = ds.map(example, num_parallel_calls=AUTOTUNE, deterministic=True)
+        pad = {k: tf.zeros([d or 0 for d in s.shape], s.dtype) for k, s in ds.element_spec.items()}
+        pad["mlm_labels"] = -tf.ones([t], tf.int32)
+        num_pad = self.num_batches * self.batch_size - self._local_examples
+        ds = ds.concatenate(tf.data.Dataset.from_tensors(pad).repeat(num_pad))
+        ds = ds.padded_batch(self.batch_size, drop_remainder=True)  # Pads `labels` with b"".
+        ds = ds.map(lambda b: {**b, "image": normalize_images(b["image"])},
+                    num_parallel_calls=AUTOTUNE, deterministic=True)
+        return ds.prefetch(AUTOTUNE)
+
+    def __iter__(self):
+        for batch in self._dataset().as_numpy_iterator():
+            item_ids = np.array([s.decode() for s in batch.pop("item_id")], dtype=str)
+            labels = [[s.decode() for s in row[:n]]
+                      for row, n in zip(batch.pop("labels"), batch.pop("num_labels"))]
+            yield batch, item_ids, labels
+
+
+def create_eval_dataset(config, workdir: str, split: str) -> EvalDataset:
+    """Per-host eval batches of `split` (no shuffle, no masking); see `EvalDataset`."""
+    return EvalDataset(config, workdir, split)
+
+
+# --------------------------------------------------------------------------- to JAX
+def make_global_batch(local_batch: dict[str, np.ndarray], sharding: jax.sharding.Sharding):
+    """Per-host numpy batch -> global `jax.Array`s, leading dim sharded by `sharding`.
+
+    `sharding` is typically `capture_jax.sharding.batch_sharding(mesh, rules)`, i.e.
+    NamedSharding(mesh, P(('data', 'fsdp'))). The global batch is per-host batch * hosts.
+    """
+    if isinstance(sharding, NamedSharding) and len(sharding.spec):
+        axes = sharding.spec[0]
+        axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+        shards = math.prod(sharding.mesh.shape[a] for a in axes)
+        rows = next(iter(local_batch.values())).shape[0] * jax.process_count()
+        if rows % shards:
+            raise ValueError(f"Global batch {rows} does not divide over the {shards} devices of "
+                             f"mesh axes {axes}: choose a batch that is a multiple of {shards}.")
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+            for k, v in local_batch.items()}
