@@ -15,7 +15,7 @@ count); `make_global_batch` turns them into global `jax.Array`s. The canonical k
   valid       int32   [B]     eval only: 1 real row, 0 padding row (the last batches are padded).
 Eval also yields, outside the dict (jax arrays cannot hold strings), `item_ids` (np.ndarray of
 str, "" for padding rows) and `labels` (list of lists of str, duplicates and order kept).
-T = config.model.max_text_len. The model applies `mrm_zero` and derives MRM targets itself.
+T = config.model.text.length. The model applies `mrm_zero` and derives MRM targets itself.
 
 Masking (CAPTURE_SPEC "Pretraining objectives"): MLM selects each real token except CLS/SEP with
 p = mlm_prob; of those 80% -> [MASK], 10% -> uniform id in [first_regular_id, vocab_size), 10%
@@ -28,7 +28,7 @@ Config fields read:
   dataset.name (e.g. "tfds_product1m/synthetic_tiny"; synthetic configs are built on first use),
   dataset.data_dir (None = TFDS default), dataset.train_split, dataset.shuffle_buffer,
   vocab_path (None = learn a WordPiece vocab from the train titles into workdir/vocab.txt),
-  vocab_size (target size of a learned vocab), model.max_text_len, model.visual.image_size,
+  vocab_size (target size of a learned vocab), model.text.length, model.visual.image_size,
   model.visual.patch_size, global_batch_size, eval_batch_size (per host), seed,
   masking.mlm_prob, masking.mrm_prob.
 
@@ -151,7 +151,7 @@ class Tokenizer:
         if missing:
             raise ValueError(f"Vocabulary {vocab_path} lacks {missing}: use a BERT vocab.txt.")
         if max_len < 3:
-            raise ValueError(f"max_text_len must be >= 3 (CLS, a token, SEP), got {max_len}.")
+            raise ValueError(f"model.text.length must be >= 3 (CLS, a token, SEP), got {max_len}.")
         self.max_len = max_len
         self.pad_id, self.unk_id, self.cls_id, self.sep_id, self.mask_id = (
             index[t] for t in RESERVED_TOKENS)
@@ -177,7 +177,7 @@ class Tokenizer:
 
 def load_tokenizer(config, workdir: str) -> Tokenizer:
     """The tokenizer of this run; its `vocab_size` is the model's vocabulary size."""
-    return Tokenizer(get_vocab_path(config, workdir), config.model.max_text_len)
+    return Tokenizer(get_vocab_path(config, workdir), config.model.text.length)
 
 
 # --------------------------------------------------------------------------- masking
@@ -344,7 +344,7 @@ class EvalDataset:
 
     def _dataset(self) -> tf.data.Dataset:
         size, patch = self._config.model.visual.image_size, self._config.model.visual.patch_size
-        t, p, tok = self._config.model.max_text_len, (size // patch) ** 2, self._tokenizer
+        t, p, tok = self._config.model.text.length, (size // patch) ** 2, self._tokenizer
         ds = self._builder.as_dataset(
             split=self._subsplit, shuffle_files=False,
             decoders={"image": tfds.decode.SkipDecoding()},

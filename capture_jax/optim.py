@@ -97,5 +97,5 @@ def default_optim_config() -> ml_collections.ConfigDict:
         "grad_accum_steps": 1,  # >1: accumulate this many micro-batches per update.
         "bert_lr_multiplier": 1.0,  # 0.1 = the reference's intended (never applied) BERT rate.
         # Parameter path prefixes that count as BERT-initialised for bert_lr_multiplier.
-        "bert_param_prefixes": ("text_embeddings", "text_layers", "mlm_head/transform"),
+        "bert_param_prefixes": ("text_embeddings", "text_layers", "mlm_head"),
     })
