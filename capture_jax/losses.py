@@ -1,0 +1,92 @@
+"""CAPTURE's pretraining objectives: MLM, MRM and CLR, each switchable, summed with weights.
+
+All reductions are float32 and over the global batch: under `jax.jit` on a sharded batch the
+arrays are global, so a mean is the global mean and CLR's negatives come from every device (the
+reference computed CLR per GPU replica, bug 4 in the spec). Empty selections give a zero loss,
+never NaN.
+"""
+
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from capture_jax.models.layers import l2_normalize
+
+Array = jax.Array
+
+
+def loss_config() -> ml_collections.ConfigDict:
+    """Defaults for `config.loss` (the paper: every objective on, weight 1, temperature 0.07)."""
+    return ml_collections.ConfigDict(dict(
+        use_mlm=True,  # masked language modelling (cross-entropy on selected tokens)
+        use_mrm=True,  # masked region modelling (MSE on selected regions' features)
+        use_clr=True,  # contrastive InfoNCE between pre-fusion text and visual features
+        mlm_weight=1.0,
+        mrm_weight=1.0,
+        clr_weight=1.0,
+        clr_temperature=0.07,  # fixed (not learned), as in the reference
+    ))
+
+
+def mlm_loss(logits: Array, labels: Array) -> Array:
+    """Mean cross-entropy over positions with `labels >= 0` (labels -1 elsewhere)."""
+    selected = labels >= 0
+    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    safe = jnp.where(selected, labels, 0)
+    nll = -jnp.take_along_axis(log_probs, safe[..., None], axis=-1)[..., 0]
+    count = selected.sum().astype(jnp.float32)
+    return jnp.where(selected, nll, 0.0).sum() / jnp.maximum(count, 1.0)
+
+
+def mrm_loss(pred: Array, target: Array, mask: Array) -> Array:
+    """Mean squared error over selected regions (mask [B, R] = 1) x feature dims."""
+    sel = mask.astype(jnp.float32)[..., None]
+    err = jnp.square(pred.astype(jnp.float32) - target.astype(jnp.float32)) * sel
+    count = sel.sum() * pred.shape[-1]
+    return err.sum() / jnp.maximum(count, 1.0)
+
+
+def clr_loss(text: Array, visual: Array, temperature: float) -> Array:
+    """InfoNCE over the 2B rows z = normalize([visual; text]) (NT-Xent).
+
+    Each row's positive is its pair from the other modality; its negatives are the other 2B - 2
+    rows of both modalities (itself excluded). Logits are cosine / temperature.
+    """
+    b = text.shape[0]
+    z = l2_normalize(jnp.concatenate([visual, text], axis=0))  # float32
+    logits = (z @ z.T) / temperature
+    logits = jnp.where(jnp.eye(2 * b, dtype=bool), -jnp.inf, logits)
+    positives = jnp.concatenate([jnp.arange(b) + b, jnp.arange(b)])
+    log_probs = jax.nn.log_softmax(logits, axis=-1)
+    return -jnp.take_along_axis(log_probs, positives[:, None], axis=-1).mean()
+
+
+def compute_losses(
+    outputs: Mapping[str, Array], batch: Mapping[str, Array], config: ml_collections.ConfigDict
+) -> tuple[Array, dict[str, Array]]:
+    """Weighted sum of the enabled objectives, and each (unweighted) component by name.
+
+    `outputs` is `CaptureModel.__call__`'s dict; `batch` supplies `mlm_labels` and `mrm_mask`;
+    `config.loss` holds the switches and weights (see `loss_config`).
+    """
+    cfg = config.loss
+    components: dict[str, Array] = {}
+    weights: dict[str, float] = {}
+    if cfg.use_mlm:
+        components["mlm"] = mlm_loss(outputs["mlm_logits"], batch["mlm_labels"])
+        weights["mlm"] = cfg.mlm_weight
+    if cfg.use_mrm:
+        if "mrm_mask" not in batch:
+            raise ValueError("MRM is on (config.loss.use_mrm) but the batch has no 'mrm_mask'.")
+        components["mrm"] = mrm_loss(outputs["mrm_pred"], outputs["mrm_targets"], batch["mrm_mask"])
+        weights["mrm"] = cfg.mrm_weight
+    if cfg.use_clr:
+        components["clr"] = clr_loss(outputs["clr_text"], outputs["clr_visual"],
+                                     cfg.clr_temperature)
+        weights["clr"] = cfg.clr_weight
+    if not components:
+        raise ValueError("Every objective is off; enable one of config.loss.use_{mlm,mrm,clr}.")
+    total = sum(weights[k] * v for k, v in components.items())
+    return total, components

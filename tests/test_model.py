@@ -1,0 +1,204 @@
+"""CaptureModel: parameter count, reference name table, shapes/dtypes, masking, invariances."""
+
+import importlib.util
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from capture_jax.models import capture, variants
+from fake_batches import FAST_COMPILE, build, make_batch, tiny_config
+
+PAPER_PARAMS = 148_192_136
+# paper_pixels: the region feature input (2048 -> 768) becomes a 768-d patch (16*16*3), and the
+# MRM decoder predicts 768 pixels instead of 2048 features.
+PAPER_PIXELS_PARAMS = PAPER_PARAMS - 2 * (2048 - 768) * 768 - (2048 - 768)
+REFERENCE_TSV = pathlib.Path(__file__).with_name("reference_state_dict.tsv")  # copy of shared/
+UNUSED_REFERENCE_PARAMS = 3_744_000  # CAPTURE_SPEC.md: tensors that never receive a gradient
+
+
+def abstract_params(name: str) -> dict[str, tuple[int, ...]]:
+    with nnx.use_eager_sharding(False):
+        model = nnx.eval_shape(lambda: capture.CaptureModel(variants.model_config(name),
+                                                             rngs=nnx.Rngs(0)))
+    return {".".join(map(str, path)): tuple(v.shape)
+            for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+
+
+def test_parameter_counts():
+    counts = {name: sum(int(np.prod(s)) for s in abstract_params(name).values())
+              for name in ("paper", "paper_pixels")}
+    print("parameter counts:", counts)
+    assert counts == {"paper": PAPER_PARAMS, "paper_pixels": PAPER_PIXELS_PARAMS}
+
+
+def test_reference_state_dict_maps_one_to_one():
+    params = abstract_params("paper")
+    table = capture.reference_name_table(variants.model_config("paper"))
+    rows = [line.split("\t") for line in REFERENCE_TSV.read_text().splitlines()[1:] if line]
+    assert len(rows) == 384
+    covered, unused = [], 0
+    for name, shape_text in rows:
+        shape = tuple(int(d) for d in shape_text.split("x"))
+        if name in capture.TIED_REFERENCE_TENSORS:
+            assert shape == params["text_embeddings.word_embeddings.embedding"]
+            continue
+        if capture.UNUSED_REFERENCE_TENSORS.match(name):
+            unused += int(np.prod(shape))
+            continue
+        assert name in table, f"reference tensor {name} has no entry in the name table"
+        path, transpose = table[name]
+        assert path in params, f"{name} -> {path}: no such parameter"
+        assert params[path] == (shape[::-1] if transpose else shape), (name, path)
+        covered.append(path)
+    assert unused == UNUSED_REFERENCE_PARAMS
+    assert len(covered) == len(set(covered)), "two reference tensors map onto one parameter"
+    assert set(covered) == set(params), f"parameters not covered: {set(params) - set(covered)}"
+    assert set(table) <= {name for name, _ in rows}
+
+
+@pytest.mark.parametrize("kind", ["regions", "pixels"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_output_shapes_and_dtypes(kind, dtype):
+    config = tiny_config(kind, dtype, **({"visual": {"stem_channels": 8}} if dtype == "bfloat16"
+                                          and kind == "pixels" else {}))
+    with nnx.use_eager_sharding(False):
+        model = nnx.eval_shape(lambda: capture.CaptureModel(config, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(model)
+    batch = make_batch(config, batch_size=3)
+    b, t, d, dt = 3, config.text.length, config.out_dim, jnp.dtype(dtype)
+    r, f = ((config.visual.num_regions, config.visual.feature_dim) if kind == "regions"
+            else ((config.visual.image_size // config.visual.patch_size) ** 2,
+                  config.visual.patch_size**2 * 3))
+    out = jax.eval_shape(lambda s: nnx.merge(graphdef, s)(
+        batch, train=True, dropout_key=jax.random.key(0)), state)
+    expected = dict(pooled_text=((b, d), dt), pooled_visual=((b, d), dt), clr_text=((b, d), dt),
+                    clr_visual=((b, d), dt), mlm_logits=((b, t, config.vocab_size), dt),
+                    mrm_pred=((b, r, f), dt), mrm_targets=((b, r, f), jnp.float32))
+    assert {k: (v.shape, v.dtype) for k, v in out.items()} == expected
+    emb = jax.eval_shape(lambda s: nnx.merge(graphdef, s).embed(batch), state)
+    assert {k: (v.shape, v.dtype) for k, v in emb.items()} == dict(
+        visual=((b, d), dt), text=((b, d), dt), joint=((b, 2 * d), jnp.float32))
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        names = var.get_metadata().get("out_sharding")
+        assert var.dtype == jnp.float32 and names is not None and len(names) == var.ndim, path
+
+
+def jitted(model):
+    graphdef, state = nnx.split(model)
+    forward = jax.jit(lambda s, b: nnx.merge(graphdef, s)(b, train=False),
+                      compiler_options=FAST_COMPILE)
+    return lambda batch: jax.tree.map(np.asarray, forward(state, batch))
+
+
+@pytest.fixture(scope="module")
+def tiny_regions():
+    """The tiny regions model and its jitted eval forward pass, shared to compile less."""
+    config = tiny_config("regions")
+    model = build(config)
+    return config, model, jitted(model)
+
+
+def test_batch_composition_and_padding_invariance(tiny_regions):
+    """A sample's outputs do not depend on the rest of its batch nor on its padding content."""
+    config, _, forward = tiny_regions
+    batch = make_batch(config, batch_size=4, padded=True)
+    assert batch["text_mask"].min() == 0 and batch["visual_mask"].min() == 0
+    full = forward(batch)
+    for i in range(4):
+        alone = forward({k: v[i:i + 1] for k, v in batch.items()})
+        for key in full:
+            np.testing.assert_allclose(full[key][i:i + 1], alone[key], atol=1e-5, err_msg=key)
+    noisy = dict(batch)
+    rng = np.random.default_rng(1)
+    noisy["text_ids"] = np.where(batch["text_mask"] == 1, batch["text_ids"],
+                                 rng.integers(5, config.vocab_size, batch["text_ids"].shape))
+    pad = (batch["visual_mask"] == 0)[..., None]
+    noisy["visual_feats"] = np.where(pad, rng.normal(size=pad.shape), batch["visual_feats"])
+    noisy["visual_boxes"] = np.where(pad, rng.uniform(size=pad.shape), batch["visual_boxes"])
+    noisy = jax.tree.map(lambda x: x.astype(batch_dtype(x)), noisy)
+    changed = forward(noisy)
+    for key in ("pooled_text", "pooled_visual", "clr_text", "clr_visual"):
+        np.testing.assert_allclose(full[key], changed[key], atol=1e-5, err_msg=key)
+
+
+def batch_dtype(x):
+    return np.float32 if np.issubdtype(x.dtype, np.floating) else np.int32
+
+
+def test_mrm_zeroing_happens_before_the_global_token(tiny_regions):
+    config, _, forward = tiny_regions
+    batch = make_batch(config, batch_size=4, seed=5)
+    assert batch["mrm_zero"].sum() > 0
+    masked = forward(batch)
+    zeroed = dict(batch, mrm_zero=np.zeros_like(batch["mrm_zero"]),
+                  visual_feats=batch["visual_feats"] * (1 - batch["mrm_zero"])[..., None])
+    explicit = forward(zeroed)
+    for key in ("pooled_visual", "clr_visual", "mrm_pred", "mlm_logits"):
+        np.testing.assert_allclose(masked[key], explicit[key], atol=1e-5, err_msg=key)
+    np.testing.assert_array_equal(masked["mrm_targets"], batch["visual_feats"])
+
+
+def test_pixels_front_end():
+    images = np.arange(2 * 8 * 12 * 3, dtype=np.float32).reshape(2, 8, 12, 3)
+    patches = np.asarray(capture.patchify(jnp.asarray(images), 4))
+    assert patches.shape == (2, 6, 48)
+    np.testing.assert_array_equal(patches[1, 4], images[1, 4:8, 4:8].reshape(-1))  # row 1, col 1
+    boxes = np.asarray(capture.grid_boxes(2, 3))
+    np.testing.assert_allclose(boxes[4], [1 / 3, 1 / 2, 2 / 3, 1.0, 1 / 6], atol=1e-7)
+    with pytest.raises(ValueError, match="not divisible"):
+        capture.patchify(jnp.zeros((1, 10, 8, 3)), 4)
+    config = tiny_config("pixels")
+    batch = make_batch(config, batch_size=2)
+    out = jitted(build(config))(batch)
+    raw = np.asarray(capture.patchify(jnp.asarray(batch["image"]), config.visual.patch_size))
+    expected = (raw - raw.mean(-1, keepdims=True)) / np.sqrt(raw.var(-1, keepdims=True) + 1e-6)
+    np.testing.assert_allclose(out["mrm_targets"], expected, atol=1e-4)
+    assert all(np.isfinite(v).all() for v in out.values())
+
+
+def test_dropout_key_contract(tiny_regions):
+    config, model, forward_eval = tiny_regions
+    batch = make_batch(config, batch_size=4, seed=6)
+    with pytest.raises(ValueError, match="dropout_key"):
+        model(batch, train=True)
+    graphdef, state = nnx.split(model)
+    forward = jax.jit(lambda s, b, k: nnx.merge(graphdef, s)(b, train=True, dropout_key=k),
+                      compiler_options=FAST_COMPILE)
+    # 'rbg' keys only to compile faster on CPU; the contract is the same for any key type.
+    first, again, other = (forward(state, batch, jax.random.key(s, impl="rbg")) for s in (3, 3, 4))
+    np.testing.assert_array_equal(first["pooled_text"], again["pooled_text"])
+    assert not np.allclose(first["pooled_text"], other["pooled_text"])
+    evaluation = forward_eval(batch)
+    assert not np.allclose(first["pooled_text"], evaluation["pooled_text"])
+    emb = jax.jit(lambda s, b: nnx.merge(graphdef, s).embed(b), compiler_options=FAST_COMPILE)(
+        state, batch)
+    np.testing.assert_allclose(emb["visual"], evaluation["pooled_visual"], atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(emb["joint"][:, :config.out_dim], axis=-1), 1.0,
+                               atol=1e-5)
+
+
+def test_variants_table():
+    with pytest.raises(ValueError, match="paper_pixels"):
+        variants.model_config("huge")
+    fields = {name: variants.model_config(name).to_dict() for name in variants.VARIANTS}
+    flat = lambda d: {k if not isinstance(v, dict) else f"{k}.{kk}"  # noqa: E731
+                      for k, v in d.items() for kk in (v if isinstance(v, dict) else [None])}
+    assert len({frozenset(flat(f)) for f in fields.values()}) == 1
+    assert fields["paper_pixels"]["visual"]["kind"] == "pixels"
+    assert fields["demo"]["hidden_size"] <= 256 and fields["demo"]["visual"]["kind"] == "pixels"
+    config = variants.model_config("paper")
+    config.vocab_size = 3000  # overridable, and a fresh copy each time
+    assert variants.model_config("paper").vocab_size == 21128
+
+
+def test_paper_forward_flops_match_spec():
+    spec = importlib.util.spec_from_file_location(
+        "model_flops", pathlib.Path(__file__).parents[1] / "bench" / "model_flops.py")
+    model_flops = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(model_flops)
+    flops = model_flops.forward_flops(variants.model_config("paper"), batch_size=2)
+    assert abs(flops / 13.9e9 - 1) < 0.05, flops
