@@ -19,53 +19,8 @@ import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from capture_jax.models import capture, variants  # noqa: E402
-
-
-def abstract_batch(config: ml_collections.ConfigDict, batch_size: int) -> dict:
-    """ShapeDtypeStructs of a pretraining batch for `config.model` at its default sizes."""
-    b, t, v = batch_size, config.text.length, config.visual
-    f32, i32 = jnp.float32, jnp.int32
-    batch = dict(text_ids=jax.ShapeDtypeStruct((b, t), i32),
-                 text_mask=jax.ShapeDtypeStruct((b, t), i32))
-    if v.kind == "regions":
-        r = v.num_regions
-        batch.update(visual_feats=jax.ShapeDtypeStruct((b, r, v.feature_dim), f32),
-                     visual_boxes=jax.ShapeDtypeStruct((b, r, 5), f32),
-                     visual_mask=jax.ShapeDtypeStruct((b, r), i32))
-    else:
-        r = (v.image_size // v.patch_size) ** 2
-        batch["image"] = jax.ShapeDtypeStruct((b, v.image_size, v.image_size, 3), f32)
-    batch.update(mrm_mask=jax.ShapeDtypeStruct((b, r), i32),
-                 mrm_zero=jax.ShapeDtypeStruct((b, r), i32))
-    return batch
-
-
-def forward_flops(config: ml_collections.ConfigDict, batch_size: int = 2) -> float:
-    """XLA's FLOP count of one forward pass, per example.
-
-    Marginal cost, (F(2b) - F(b)) / b, so that batch-independent work (e.g. casting the parameter
-    tables to the compute dtype) is not charged to the examples.
-    """
-    with nnx.use_eager_sharding(False):
-        model = nnx.eval_shape(lambda: capture.CaptureModel(config, rngs=nnx.Rngs(0)))
-    graphdef, state = nnx.split(model)
-
-    def forward(state, batch):
-        return nnx.merge(graphdef, state)(batch, train=False)
-
-    def flops(b: int) -> float:
-        lowered = jax.jit(forward).lower(state, abstract_batch(config, b))
-        return float(lowered.cost_analysis()["flops"])
-
-    return (flops(2 * batch_size) - flops(batch_size)) / batch_size
-
-
-def parameter_count(config: ml_collections.ConfigDict) -> int:
-    """Number of parameters (tied MLM decoder counted once), without allocating them."""
-    with nnx.use_eager_sharding(False):
-        model = nnx.eval_shape(lambda: capture.CaptureModel(config, rngs=nnx.Rngs(0)))
-    return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+from capture_jax.models import variants  # noqa: E402
+from capture_jax.models.cost import forward_flops, parameter_count  # noqa: E402
 
 
 def main() -> None:

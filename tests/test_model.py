@@ -1,6 +1,5 @@
 """CaptureModel: parameter count, reference name table, shapes/dtypes, masking, invariances."""
 
-import importlib.util
 import pathlib
 
 import jax
@@ -9,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from capture_jax.models import capture, variants
+from capture_jax.models import capture, cost, variants
 from fake_batches import FAST_COMPILE, build, make_batch, tiny_config
 
 PAPER_PARAMS = 148_192_136
@@ -196,9 +195,5 @@ def test_variants_table():
 
 
 def test_paper_forward_flops_match_spec():
-    spec = importlib.util.spec_from_file_location(
-        "model_flops", pathlib.Path(__file__).parents[1] / "bench" / "model_flops.py")
-    model_flops = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(model_flops)
-    flops = model_flops.forward_flops(variants.model_config("paper"), batch_size=2)
+    flops = cost.forward_flops(variants.model_config("paper"), batch_size=2)
     assert abs(flops / 13.9e9 - 1) < 0.05, flops

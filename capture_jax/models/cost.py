@@ -1,0 +1,92 @@
+"""What a model costs: parameter count and FLOPs, from XLA's analysis of the lowered program.
+
+The model is built abstractly (`nnx.eval_shape`) and only lowered, never run, so even `paper`
+needs no parameter memory. The trainer uses these for MFU; `bench/model_flops.py` prints them.
+"""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from capture_jax.models import capture
+
+# Training FLOPs per example that the spec fixes for `paper` (3 x its 13.9 GFLOP forward): MFU is
+# reported against this number so it is comparable with the paper's accounting.
+PAPER_TRAIN_FLOPS_PER_EXAMPLE = 41.7e9
+
+# Peak dense bf16 FLOP/s per device kind (vendor figures), for MFU. Unknown kinds: no MFU.
+PEAK_BF16_FLOPS = {
+    "NVIDIA H100 80GB HBM3": 989e12,
+    "NVIDIA H100 PCIe": 756e12,
+    "NVIDIA H100": 989e12,
+    "NVIDIA H200": 989e12,
+    "NVIDIA A100-SXM4-80GB": 312e12,
+    "NVIDIA A100-SXM4-40GB": 312e12,
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,
+    "TPU v5": 459e12,
+    "TPU v6 lite": 918e12,
+}
+
+
+def abstract_batch(config: ml_collections.ConfigDict, batch_size: int) -> dict:
+    """ShapeDtypeStructs of a pretraining batch for `config.model` at its default sizes."""
+    b, t, v = batch_size, config.text.length, config.visual
+    f32, i32 = jnp.float32, jnp.int32
+    batch = dict(text_ids=jax.ShapeDtypeStruct((b, t), i32),
+                 text_mask=jax.ShapeDtypeStruct((b, t), i32))
+    if v.kind == "regions":
+        r = v.num_regions
+        batch.update(visual_feats=jax.ShapeDtypeStruct((b, r, v.feature_dim), f32),
+                     visual_boxes=jax.ShapeDtypeStruct((b, r, 5), f32),
+                     visual_mask=jax.ShapeDtypeStruct((b, r), i32))
+    else:
+        r = (v.image_size // v.patch_size) ** 2
+        batch["image"] = jax.ShapeDtypeStruct((b, v.image_size, v.image_size, 3), f32)
+    batch.update(mrm_mask=jax.ShapeDtypeStruct((b, r), i32),
+                 mrm_zero=jax.ShapeDtypeStruct((b, r), i32))
+    return batch
+
+
+def forward_flops(config: ml_collections.ConfigDict, batch_size: int = 2) -> float:
+    """XLA's FLOP count of one forward pass, per example.
+
+    Marginal cost, (F(2b) - F(b)) / b, so that batch-independent work (e.g. casting the parameter
+    tables to the compute dtype) is not charged to the examples.
+    """
+    with nnx.use_eager_sharding(False):
+        model = nnx.eval_shape(lambda: capture.CaptureModel(config, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(model)
+
+    def forward(state, batch):
+        return nnx.merge(graphdef, state)(batch, train=False)
+
+    def flops(b: int) -> float:
+        lowered = jax.jit(forward).lower(state, abstract_batch(config, b))
+        return float(lowered.cost_analysis()["flops"])
+
+    return (flops(2 * batch_size) - flops(batch_size)) / batch_size
+
+
+def parameter_count(config: ml_collections.ConfigDict) -> int:
+    """Number of parameters (tied MLM decoder counted once), without allocating them."""
+    with nnx.use_eager_sharding(False):
+        model = nnx.eval_shape(lambda: capture.CaptureModel(config, rngs=nnx.Rngs(0)))
+    return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+def train_flops_per_example(config: ml_collections.ConfigDict, variant: str) -> float:
+    """FLOPs of one training example: the spec's 41.7 G for `paper`, else 3 x XLA's forward."""
+    if variant == "paper":
+        return PAPER_TRAIN_FLOPS_PER_EXAMPLE
+    return 3 * forward_flops(config)
+
+
+def peak_flops(device: jax.Device) -> float | None:
+    """The device's peak dense bf16 FLOP/s, if known."""
+    kind = getattr(device, "device_kind", "")
+    for name, flops in PEAK_BF16_FLOPS.items():
+        if kind == name or kind.startswith(name):
+            return flops
+    return None
