@@ -230,9 +230,10 @@ def _builder(config, split: str | None = None) -> tfds.core.DatasetBuilder:
     if not builder.is_prepared() and "synthetic" not in name:
         where = data_dir or "the TFDS default data_dir"
         raise FileNotFoundError(
-            f"Dataset {name} is not built in {where}: run `tfds build tfds_product1m "
-            f"--config={name.split('/')[-1]} --manual_dir=DIR --data_dir=DATA_DIR` first, then "
-            "set --config.dataset.data_dir=DATA_DIR.")
+            f"Dataset {name} is not built in {where}: get Product1M (README, 'Building the real "
+            f"Product1M'), run `tfds build tfds_product1m --config={name.split('/')[-1]} "
+            "--manual_dir=DIR --data_dir=DATA_DIR` and pass --config.dataset.data_dir=DATA_DIR; "
+            "configs/capture.py:demo runs on synthetic data without any download.")
     if not builder.is_prepared():  # Synthetic: no download, build it now.
         _on_process_0("capture_build_dataset", builder.download_and_prepare)
         builder = tfds.builder(name, data_dir=data_dir)

@@ -1,0 +1,102 @@
+"""CAPTURE pretraining and evaluation configs: `get_config("paper" | "paper_pixels" | "demo" | "tiny")`.
+
+  # The synthetic Product1M, built on first use; a few minutes on 2 CPU cores:
+  python main.py --config configs/capture.py:demo --workdir /tmp/capture_demo
+  # The paper's sizes on the real Product1M (build it first, see README):
+  python main.py --config configs/capture.py:paper_pixels --workdir DIR
+  # Any field can be overridden:
+  python main.py --config configs/capture.py:demo --workdir DIR \\
+      --config.num_train_steps=300 --config.optim.learning_rate=3e-4 --config.mesh.model=2
+
+Variants (one table, `_VARIANTS`): `paper` is the reference (detector regions, Product1M, batch
+64, 10 epochs); `paper_pixels` the same model end to end from 224 px images; `demo` a small pixels
+model on the synthetic data; `tiny` the test size. Model sizes live in
+`capture_jax/models/variants.py`.
+"""
+
+import ml_collections
+
+from capture_jax import losses, optim
+from capture_jax.models import variants
+
+_PRODUCT1M_TRAIN_ROWS = 1_132_830
+
+# Per variant: the model variant and what differs from the defaults in `get_config`.
+_VARIANTS = {
+    "paper": dict(
+        model="paper", dataset="tfds_product1m/full", global_batch_size=64,
+        num_train_steps=10 * _PRODUCT1M_TRAIN_ROWS // 64),
+    "paper_pixels": dict(
+        model="paper_pixels", dataset="tfds_product1m/full", global_batch_size=64,
+        num_train_steps=10 * _PRODUCT1M_TRAIN_ROWS // 64),
+    "demo": dict(
+        model="demo", dataset="tfds_product1m/synthetic", global_batch_size=32,
+        num_train_steps=1500, learning_rate=5e-4, log_every=50, checkpoint_every=500,
+        eval_every=0, eval_batch_size=64),
+    "tiny": dict(
+        model="tiny", visual_kind="pixels", dataset="tfds_product1m/synthetic_tiny",
+        global_batch_size=8, num_train_steps=6, log_every=2, checkpoint_every=3, eval_every=0,
+        eval_batch_size=16, vocab_size=256, shuffle_buffer=64),
+}
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    """The config of variant `arg` (default `paper`)."""
+    name = arg or "paper"
+    if name not in _VARIANTS:
+        raise ValueError(f"Unknown config variant {name!r}; choose one of {sorted(_VARIANTS)}.")
+    v = _VARIANTS[name]
+    config = ml_collections.ConfigDict()
+    config.variant = name  # Which row of _VARIANTS this is (MFU uses the spec's count for paper).
+    config.seed = 0  # Root of all randomness: init, shuffling, masking, dropout.
+
+    config.model = variants.model_config(v["model"])  # Model sizes; see models/variants.py.
+    if "visual_kind" in v:
+        config.model.visual.kind = v["visual_kind"]
+
+    config.dataset = ml_collections.ConfigDict()
+    config.dataset.name = v["dataset"]  # TFDS name/config; synthetic ones are built on first use.
+    config.dataset.data_dir = ml_collections.FieldReference(None, field_type=str)  # None: TFDS default.
+    config.dataset.train_split = "train"
+    config.dataset.shuffle_buffer = v.get("shuffle_buffer", 16_384)  # Examples per shuffle buffer.
+
+    # A bert-base-chinese-style vocab.txt; None learns a WordPiece vocabulary of about
+    # `vocab_size` from the train titles once and keeps it as workdir/vocab.txt.
+    config.vocab_path = ml_collections.FieldReference(None, field_type=str)
+    config.vocab_size = v.get("vocab_size", 8000)
+    config.vocab_pad_multiple = 8  # Embedding rows padded to this multiple (tensor parallelism).
+
+    config.masking = ml_collections.ConfigDict()
+    config.masking.mlm_prob = 0.15  # Share of real tokens selected for MLM (80/10/10 after).
+    config.masking.mrm_prob = 0.15  # Share of regions/patches selected for MRM (90% zeroed).
+
+    config.loss = losses.loss_config()  # Which objectives, their weights, CLR temperature.
+    config.optim = optim.default_optim_config()  # AdamW, schedule, clipping, accumulation.
+    if "learning_rate" in v:
+        config.optim.learning_rate = v["learning_rate"]
+
+    config.global_batch_size = v["global_batch_size"]  # Across all devices and hosts.
+    config.eval_batch_size = v.get("eval_batch_size", 256)  # Per host, for embedding.
+    config.num_train_steps = v["num_train_steps"]
+    # Stop (with a checkpoint) after this step although the schedule runs to num_train_steps,
+    # e.g. to split a long run into jobs; -1 runs to the end.
+    config.halt_after_step = -1
+
+    # Mesh axes (data, fsdp, model); -1 takes the remaining devices. Sharding rules preset:
+    # dp (data parallel), fsdp, tp (tensor parallel), fsdp_tp; see capture_jax/sharding.py.
+    config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, model=1))
+    config.sharding_rules = "dp"
+
+    config.log_every = v.get("log_every", 100)  # Steps between metric logs.
+    config.log_mfu = True  # Report MFU where the device's peak FLOP/s is known.
+    config.checkpoint_every = v.get("checkpoint_every", 2000)  # Steps between async saves.
+    config.keep_checkpoints = 3  # Most recent checkpoints kept.
+    # Steps between retrieval evaluations (and at the end); 0 = at the end only; -1 = never.
+    config.eval_every = v.get("eval_every", 10_000)
+    config.profile = False  # Capture a 5-step profile into the workdir.
+
+    # Weights-only start when the workdir has no checkpoint: a previous run's workdir (or a
+    # directory from `python -m capture_jax.convert`).
+    config.init_from = ml_collections.ConfigDict()
+    config.init_from.checkpoint = ""
+    return config

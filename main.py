@@ -1,0 +1,70 @@
+"""Pretrains and evaluates CAPTURE: python main.py --config configs/capture.py:demo --workdir DIR."""
+
+import os
+import socket
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import tensorflow as tf  # noqa: E402  (first, so it can be kept off the accelerators)
+
+tf.config.set_visible_devices([], "GPU")  # TF only feeds data; the accelerators belong to JAX.
+
+import jax  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from capture_jax import train  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Config file and variant, e.g. configs/capture.py:demo.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and results.")
+_MODE = flags.DEFINE_enum(
+    "mode", "train_and_evaluate", ["train_and_evaluate", "evaluate"],
+    "Train (resuming from --workdir if possible) then evaluate, or only evaluate its latest checkpoint.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0, for multi-process runs on clusters JAX "
+    "does not detect by itself (TPU pods, SLURM, Open MPI and Kubernetes are detected).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the run.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _initialize_distributed() -> None:
+    """Explicit flags > cluster auto-detection > a one-process run (pre-emption saves need it)."""
+    if _COORDINATOR.value or _NUM_PROCESSES.value:
+        jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+        return
+    try:
+        jax.distributed.initialize()
+    except ValueError:  # No cluster detected: this machine alone.
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=1, process_id=0)
+
+
+class _QuietLibraries:
+    """Drops INFO lines from Orbax, TFDS and JAX internals (hundreds per checkpoint)."""
+
+    def filter(self, record) -> bool:
+        noisy = ("/orbax/", "/tensorflow_datasets/", "/jax/_src/")
+        return record.levelno >= 30 or not any(part in record.pathname for part in noisy)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}")
+    logging.get_absl_handler().addFilter(_QuietLibraries())
+    _initialize_distributed()
+    logging.info("JAX process %d/%d, %d devices (%s).", jax.process_index(), jax.process_count(),
+                 jax.device_count(), jax.devices()[0].device_kind)
+    run = train.evaluate_only if _MODE.value == "evaluate" else train.train_and_evaluate
+    try:
+        run(_CONFIG.value, _WORKDIR.value)
+    except train.USER_ERRORS as e:  # Missing data, bad config, broken checkpoint, NaN: one sentence.
+        logging.vlog(1, "Traceback:", exc_info=True)
+        raise SystemExit(f"error: {e} (--verbosity=1 shows the traceback)") from None
+
+
+if __name__ == "__main__":
+    app.run(main)

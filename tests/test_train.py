@@ -1,0 +1,146 @@
+"""The trainer on `tiny` + `synthetic_tiny`: resume equivalence, meshes, errors, NaN, main.py."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+import tensorflow_datasets as tfds
+
+import tfds_product1m  # noqa: F401  (registers the builder)
+from capture_jax import train
+from configs import capture as capture_configs
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("tfds"))
+    tfds.builder("tfds_product1m/synthetic_tiny", data_dir=path).download_and_prepare()
+    return path
+
+
+def tiny_config(data_dir, **changes):
+    config = capture_configs.get_config("tiny")
+    config.dataset.data_dir = data_dir
+    config.eval_every = -1  # Retrieval is tested on its own; here only training.
+    config.log_every = 1
+    config.update(changes)
+    return config
+
+
+def _checkpoint(workdir, step):
+    """The raw arrays saved at `step` (model and optimiser), keyed by path."""
+    with ocp.CheckpointManager(os.path.join(workdir, "checkpoints")) as manager:
+        restored = manager.restore(step, args=ocp.args.Composite(
+            model=ocp.args.StandardRestore(), opt=ocp.args.StandardRestore()))
+    return {k: np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(
+        {"model": restored["model"], "opt": restored["opt"]})}
+
+
+def test_is_due():
+    assert [s for s in range(0, 11) if train.is_due(s, 4, 10)] == [4, 8, 10]
+    assert [s for s in range(0, 11) if train.is_due(s, 0, 10)] == [10]
+    assert not train.is_due(0, 1, 10)
+    assert [s for s in range(0, 7) if train.is_due(s, 3)] == [3, 6]
+
+
+def test_resume_is_bit_identical_to_an_uninterrupted_run(data_dir, tmp_path):
+    straight = train.train_and_evaluate(tiny_config(data_dir), str(tmp_path / "straight"))
+    assert straight["step"] == 6 and straight["finished"]
+    first = train.train_and_evaluate(tiny_config(data_dir, halt_after_step=3), str(tmp_path / "split"))
+    assert first["step"] == 3 and not first["finished"]
+    second = train.train_and_evaluate(tiny_config(data_dir), str(tmp_path / "split"))
+    assert second["step"] == 6
+    # The resumed run logged the same losses for steps 4..6 as the uninterrupted one.
+    assert [h["loss"] for h in second["history"]] == [h["loss"] for h in straight["history"][3:]]
+    a, b = _checkpoint(str(tmp_path / "straight"), 6), _checkpoint(str(tmp_path / "split"), 6)
+    assert a.keys() == b.keys()
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=str(key))
+    losses = [h["loss"] for h in straight["history"]]
+    assert losses[-1] < losses[0]  # It learns: the loss falls over six steps.
+    for name in ("config.json", "vocab.txt"):
+        assert os.path.exists(tmp_path / "straight" / name)
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path / "straight"))
+
+
+def _first_losses(data_dir, workdir, devices=None, **changes):
+    config = tiny_config(data_dir, halt_after_step=2, checkpoint_every=0, **changes)
+    return [h["loss"] for h in train.train_and_evaluate(config, workdir, devices)["history"]]
+
+
+@pytest.fixture(scope="module")
+def single_device_losses(data_dir, tmp_path_factory):
+    return _first_losses(data_dir, str(tmp_path_factory.mktemp("one")), jax.devices()[:1],
+                         mesh={"data": 1})
+
+
+@pytest.mark.parametrize("mesh,rules", [({"data": 8}, "dp"), ({"data": 4, "model": 2}, "tp"),
+                                        ({"data": 2, "fsdp": 4}, "fsdp")],
+                         ids=["data8", "data4_model2", "fsdp"])
+def test_first_losses_match_a_single_device(data_dir, tmp_path, single_device_losses, mesh, rules):
+    sharded = _first_losses(data_dir, str(tmp_path), mesh=dict(mesh), sharding_rules=rules)
+    assert len(sharded) == 2
+    np.testing.assert_allclose(sharded, single_device_losses, rtol=2e-5)
+
+
+def test_config_mistakes_are_one_clear_sentence(data_dir, tmp_path):
+    with pytest.raises(ValueError, match="does not divide the 8 devices"):
+        train.train_and_evaluate(tiny_config(data_dir, mesh={"data": -1, "model": 3}), str(tmp_path))
+    with pytest.raises(ValueError, match="global_batch_size 6 does not divide over the 8"):
+        train.train_and_evaluate(tiny_config(data_dir, global_batch_size=6), str(tmp_path))
+
+
+def test_a_non_finite_loss_stops_without_saving(data_dir, tmp_path):
+    config = tiny_config(data_dir)
+    config.loss.mlm_weight = float("nan")
+    with pytest.raises(FloatingPointError, match="at step 1; stopped without saving"):
+        train.train_and_evaluate(config, str(tmp_path))
+    assert not os.listdir(tmp_path / "checkpoints")
+
+
+def _start_main(workdir, data_dir, *overrides):
+    cmd = [sys.executable, "main.py", "--config", "configs/capture.py:tiny", "--workdir", workdir,
+           f"--config.dataset.data_dir={data_dir}", "--config.eval_every=-1", *overrides]
+    return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+
+
+def test_main_sigterm_saves_the_current_step_and_the_next_start_resumes(data_dir, tmp_path):
+    workdir = str(tmp_path / "run")
+    proc = _start_main(workdir, data_dir, "--config.num_train_steps=100000",
+                       "--config.checkpoint_every=0", "--config.log_every=1")
+    lines, deadline = [], time.time() + 240
+    for line in proc.stdout:  # Wait until training is under way.
+        lines.append(line)
+        if "step 3/100000" in line or time.time() > deadline:
+            break
+    proc.send_signal(signal.SIGTERM)
+    out = "".join(lines) + proc.communicate(timeout=120)[0]
+    assert proc.returncode == 0, out[-3000:]
+    steps = ocp.CheckpointManager(os.path.join(workdir, "checkpoints")).all_steps()
+    assert len(steps) == 1 and steps[0] >= 3, out[-3000:]
+    assert f"saved step {steps[0]}; exiting" in out
+    resumed = _start_main(workdir, data_dir, "--config.num_train_steps=100000",
+                          f"--config.halt_after_step={steps[0] + 1}")
+    out = resumed.communicate(timeout=300)[0]
+    assert resumed.returncode == 0, out[-3000:]
+    assert f"resumed at step {steps[0]}" in out
+    assert steps[0] + 1 in ocp.CheckpointManager(os.path.join(workdir, "checkpoints")).all_steps()
+
+
+def test_main_reports_missing_real_data_in_one_sentence(tmp_path):
+    cmd = [sys.executable, "main.py", "--config", "configs/capture.py:paper_pixels",
+           "--workdir", str(tmp_path / "w"), f"--config.dataset.data_dir={tmp_path / 'empty'}"]
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert "tfds build tfds_product1m --config=full" in last and "configs/capture.py:demo" in last
