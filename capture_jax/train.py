@@ -27,7 +27,7 @@ from clu import metric_writers, periodic_actions
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from capture_jax import checkpointing, input_pipeline, losses, optim, sharding
+from capture_jax import checkpointing, convert, input_pipeline, losses, optim, sharding
 from capture_jax.models import capture, cost
 
 
@@ -180,7 +180,21 @@ def restore_or_initialize(config, workdir, mesh, rules, tx, manager):
             config.init_from.checkpoint,
             checkpointing.abstract_target(state.model, state.model_sharding))
         return state, 0, f"weights from {config.init_from.checkpoint}"
+    if config.init_from.bert:
+        state.model, _ = convert.load_bert_weights(state.model, config.init_from.bert, config.model)
+        return state, 0, f"text stream from BERT {config.init_from.bert}"
     return state, 0, "from scratch"
+
+
+def _resolve_init(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """A copy of `config`; a BERT start also brings its vocabulary."""
+    config = ml_collections.ConfigDict(config.to_dict())
+    if config.init_from.checkpoint and config.init_from.bert:
+        raise ValueError("Set one of config.init_from.checkpoint and config.init_from.bert, not "
+                         "both: a checkpoint already holds the text stream.")
+    if config.init_from.bert and not config.vocab_path:
+        config.vocab_path = convert.bert_vocab_path(config.init_from.bert)
+    return config
 
 
 class _NonFiniteGuard:
@@ -220,6 +234,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     mesh = sharding.make_mesh(dict(config.mesh), devices)
     rules = sharding.rules(config.sharding_rules)
     _check_config(config, mesh)
+    config = _resolve_init(config)
     tokenizer = input_pipeline.load_tokenizer(config, workdir)  # Learns the vocab once if needed.
     config = _with_vocab_size(config, tokenizer.vocab_size)
     if is_main:
@@ -313,6 +328,7 @@ def evaluate_only(config: ml_collections.ConfigDict, workdir: str) -> dict:
     mesh = sharding.make_mesh(dict(config.mesh))
     rules = sharding.rules(config.sharding_rules)
     _check_config(config, mesh)
+    config = _resolve_init(config)
     config = _with_vocab_size(config, input_pipeline.load_tokenizer(config, workdir).vocab_size)
     manager = checkpointing.create_manager(workdir, max_to_keep=None)
     step = manager.latest_step()

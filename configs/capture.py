@@ -95,8 +95,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.eval_every = v.get("eval_every", 10_000)
     config.profile = False  # Capture a 5-step profile into the workdir.
 
-    # Weights-only start when the workdir has no checkpoint: a previous run's workdir (or a
-    # directory from `python -m capture_jax.convert`).
+    # Weights-only starts, used when the workdir has no checkpoint yet. `checkpoint`: a previous
+    # run's workdir, or a directory from `python -m capture_jax.convert`.
     config.init_from = ml_collections.ConfigDict()
     config.init_from.checkpoint = ""
+    # A local Hugging Face BERT directory (bert-base-chinese: config.json, vocab.txt,
+    # model.safetensors or pytorch_model.bin): text embeddings, layers 0..3 and the MLM head
+    # are loaded from it and its vocab.txt becomes the tokenizer vocabulary. See README.
+    config.init_from.bert = ""
     return config

@@ -106,6 +106,35 @@ def test_a_non_finite_loss_stops_without_saving(data_dir, tmp_path):
     assert not os.listdir(tmp_path / "checkpoints")
 
 
+def test_start_from_bert_loads_its_text_stream_and_vocabulary(data_dir, tmp_path):
+    from test_convert import BERT, random_bert, write_bert  # A tiny random Hugging Face BERT.
+
+    weights = random_bert()
+    bert_dir = write_bert(tmp_path / "bert", weights)
+    reserved = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    cjk = [chr(0x4E00 + i) for i in range(BERT["vocab_size"] - len(reserved))]
+    (tmp_path / "bert" / "vocab.txt").write_text("".join(t + "\n" for t in reserved + cjk))
+    config = tiny_config(data_dir, vocab_pad_multiple=1)
+    config.model.update(max_text_positions=BERT["max_position_embeddings"])
+    config.model.text.num_layers = 4
+    config.init_from.bert = bert_dir
+    config = train._resolve_init(config)
+    assert config.vocab_path == os.path.join(bert_dir, "vocab.txt")
+    tokenizer = train.input_pipeline.load_tokenizer(config, str(tmp_path / "w"))
+    config = train._with_vocab_size(config, tokenizer.vocab_size)
+    mesh, rules = train.sharding.make_mesh({"data": -1}), train.sharding.rules("dp")
+    manager = train.checkpointing.create_manager(str(tmp_path / "w"))
+    with jax.set_mesh(mesh), train.nnx.logical_axis_rules(rules):
+        state, step, origin = train.restore_or_initialize(
+            config, str(tmp_path / "w"), mesh, rules, train.optim.create_optimizer(config), manager)
+    assert step == 0 and origin.startswith("text stream from BERT")
+    np.testing.assert_array_equal(state.model["text_embeddings"]["word_embeddings"]["embedding"][...],
+                                  weights["bert.embeddings.word_embeddings.weight"])
+    config.init_from.checkpoint = str(tmp_path)
+    with pytest.raises(ValueError, match="not both"):
+        train._resolve_init(config)
+
+
 def _start_main(workdir, data_dir, *overrides):
     cmd = [sys.executable, "main.py", "--config", "configs/capture.py:tiny", "--workdir", workdir,
            f"--config.dataset.data_dir={data_dir}", "--config.eval_every=-1", *overrides]
