@@ -43,6 +43,25 @@ def _initialize_distributed() -> None:
         jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=1, process_id=0)
 
 
+def _parse_flags(argv):
+    """absl's parser, with a bad flag, config variant or override reported as one sentence."""
+    try:
+        return flags.FLAGS(argv)
+    except (flags.Error, AttributeError, KeyError, ValueError) as e:
+        raise SystemExit(f"error: {_last_line(e)} (see --helpshort)") from None
+
+
+def _last_line(error: BaseException) -> str:
+    """The informative last line of a (possibly nested) flag or config error."""
+    text = str(error).replace("\\n", "\n").replace("\\'", "'").strip()
+    if len(text) > 1 and text[0] == text[-1] == "'":
+        text = text[1:-1]
+    line = text.splitlines()[-1].strip() if text else type(error).__name__
+    if line.startswith("Did you mean"):
+        line = f"unknown config field. {line}"
+    return line.removeprefix("ValueError: ")
+
+
 class _QuietLibraries:
     """Drops INFO lines from Orbax, TFDS and JAX internals (hundreds per checkpoint)."""
 
@@ -60,11 +79,16 @@ def main(argv):
                  jax.device_count(), jax.devices()[0].device_kind)
     run = train.evaluate_only if _MODE.value == "evaluate" else train.train_and_evaluate
     try:
-        run(_CONFIG.value, _WORKDIR.value)
+        config = _CONFIG.value
+        config.get("variant")  # ml_collections defers a config file's load error to first use.
+    except OSError as e:
+        raise SystemExit(f"error: cannot load --config: {_last_line(e)}") from None
+    try:
+        run(config, _WORKDIR.value)
     except train.USER_ERRORS as e:  # Missing data, bad config, broken checkpoint, NaN: one sentence.
         logging.vlog(1, "Traceback:", exc_info=True)
         raise SystemExit(f"error: {e} (--verbosity=1 shows the traceback)") from None
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)

@@ -24,11 +24,14 @@ CHECKPOINT_DIR = "checkpoints"
 # Orbax splits every replicated array across its replicas for saving, compiling one slicing program
 # per array shape (about 150 for this model, seconds on every first save). Arrays under 8 MiB
 # (biases, LayerNorms, most small matrices) are written whole by one replica instead.
+_verbosity = logging.get_verbosity()
+logging.set_verbosity(logging.ERROR)  # Orbax warns that it replaces its default handler: intended.
 ocp.type_handlers.register_type_handler(
     jax.Array,
     ocp.type_handlers.ArrayHandler(min_slice_bytes_for_replica_parallel=8 << 20),
     override=True,
 )
+logging.set_verbosity(_verbosity)
 
 
 class CheckpointError(RuntimeError):

@@ -121,6 +121,10 @@ def _check_config(config: ml_collections.ConfigDict, mesh) -> None:
             f"{batch_shards} data x fsdp devices of mesh {dict(mesh.shape)}: make it a multiple of "
             f"{batch_shards} (--config.global_batch_size) or change --config.mesh."
         )
+
+
+def _check_front_end(config: ml_collections.ConfigDict) -> None:
+    """After the data check, so a fresh machine first hears how to get Product1M."""
     if config.model.visual.kind != "pixels":
         raise ValueError(
             "The 'regions' visual front end needs detector region features, which the input "
@@ -236,6 +240,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     _check_config(config, mesh)
     config = _resolve_init(config)
     tokenizer = input_pipeline.load_tokenizer(config, workdir)  # Learns the vocab once if needed.
+    _check_front_end(config)
     config = _with_vocab_size(config, tokenizer.vocab_size)
     if is_main:
         with open(os.path.join(workdir, "config.json"), "w") as f:
@@ -330,6 +335,7 @@ def evaluate_only(config: ml_collections.ConfigDict, workdir: str) -> dict:
     _check_config(config, mesh)
     config = _resolve_init(config)
     config = _with_vocab_size(config, input_pipeline.load_tokenizer(config, workdir).vocab_size)
+    _check_front_end(config)
     manager = checkpointing.create_manager(workdir, max_to_keep=None)
     step = manager.latest_step()
     if step is None:
