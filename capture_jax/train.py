@@ -230,7 +230,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     """Pretrains per `config` in `workdir`, evaluating retrieval periodically.
 
     `devices` (default: all) are the devices the mesh spans. Returns the final step, the logged
-    metric history, evaluation scores by step and whether the run stopped early (pre-emption).
+    metric history, evaluation scores by step, and whether the schedule was `finished` (False
+    after a pre-emption or `halt_after_step`).
     """
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
@@ -310,7 +311,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
             scores[step] = _evaluate(config, workdir, state, mesh, rules, step, writer)
     manager.wait_until_finished()
     manager.close()
-    writer.flush()
     if start_step == total and config.eval_every >= 0:  # Already trained: evaluate again.
         scores[step] = _evaluate(config, workdir, state, mesh, rules, step, writer)
     writer.flush()
