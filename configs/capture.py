@@ -17,6 +17,7 @@ model on the synthetic data; `tiny` the test size. Model sizes live in
 import ml_collections
 
 from capture_jax import losses, optim
+from capture_jax.evaluators import retrieval
 from capture_jax.models import variants
 
 _PRODUCT1M_TRAIN_ROWS = 1_132_830
@@ -93,6 +94,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.keep_checkpoints = 3  # Most recent checkpoints kept.
     # Steps between retrieval evaluations (and at the end); 0 = at the end only; -1 = never.
     config.eval_every = v.get("eval_every", 10_000)
+    config.eval = retrieval.eval_config()  # Splits, feature kinds, top-k, chunking, report size.
     config.profile = False  # Capture a 5-step profile into the workdir.
 
     # Weights-only starts, used when the workdir has no checkpoint yet. `checkpoint`: a previous

@@ -1,0 +1,1 @@
+"""Evaluators run by the trainer and by `main.py --mode=evaluate` (retrieval on Product1M)."""
