@@ -11,6 +11,7 @@ a checkpoint written on one mesh restores onto another.
 
 from __future__ import annotations
 
+import logging as std_logging
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -24,14 +25,17 @@ CHECKPOINT_DIR = "checkpoints"
 # Orbax splits every replicated array across its replicas for saving, compiling one slicing program
 # per array shape (about 150 for this model, seconds on every first save). Arrays under 8 MiB
 # (biases, LayerNorms, most small matrices) are written whole by one replica instead.
-_verbosity = logging.get_verbosity()
-logging.set_verbosity(logging.ERROR)  # Orbax warns that it replaces its default handler: intended.
+# Orbax warns that the default handler is replaced, which is the intent. (The absl logger's level
+# is touched, not absl's verbosity flag, so --verbosity keeps working.)
+_absl_logger = logging.get_absl_logger()
+_level = _absl_logger.level
+_absl_logger.setLevel(std_logging.ERROR)
 ocp.type_handlers.register_type_handler(
     jax.Array,
     ocp.type_handlers.ArrayHandler(min_slice_bytes_for_replica_parallel=8 << 20),
     override=True,
 )
-logging.set_verbosity(_verbosity)
+_absl_logger.setLevel(_level)
 
 
 class CheckpointError(RuntimeError):
