@@ -1,5 +1,6 @@
 """The trainer on `tiny` + `synthetic_tiny`: resume equivalence, meshes, errors, NaN, main.py."""
 
+import json
 import os
 import signal
 import subprocess
@@ -163,6 +164,19 @@ def test_main_sigterm_saves_the_current_step_and_the_next_start_resumes(data_dir
     assert resumed.returncode == 0, out[-3000:]
     assert f"resumed at step {steps[0]}" in out
     assert steps[0] + 1 in ocp.CheckpointManager(os.path.join(workdir, "checkpoints")).all_steps()
+    # --mode=evaluate scores the latest checkpoint and writes the official files.
+    cmd = [sys.executable, "main.py", "--config", "configs/capture.py:tiny", "--workdir", workdir,
+           f"--config.dataset.data_dir={data_dir}", "--mode=evaluate"]
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for split in ("dev", "test"):
+        kind_dir = os.path.join(workdir, "retrieval", split, "joint")
+        with open(os.path.join(kind_dir, "retrieval_id_list.txt")) as f:
+            lines = f.read().splitlines()
+        assert len(lines) == 16 and all(len(line.split(",")) > 1 for line in lines)
+        with open(os.path.join(kind_dir, "metric_results.json")) as f:
+            assert sorted(json.load(f)) == ["top10", "top100", "top50"]
+        assert os.path.getsize(os.path.join(kind_dir, "report.html")) > 1000
 
 
 def test_main_reports_missing_real_data_in_one_sentence(tmp_path):
