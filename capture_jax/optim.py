@@ -37,24 +37,13 @@ def decay_mask(params):
     return jax.tree.map(lambda p: p.ndim >= 2, params)
 
 
-def _path_str(path) -> str:
-    parts = []
-    for key in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(key, attr):
-                parts.append(str(getattr(key, attr)))
-                break
-        else:
-            parts.append(str(key))
-    return "/".join(parts)
-
-
 def bert_labeler(prefixes: Sequence[str]) -> Callable:
     """Labels each parameter 'bert' if its path ('a/b/0/kernel') starts with a prefix, else 'rest'."""
 
     def labels(params):
         return jax.tree_util.tree_map_with_path(
-            lambda path, _: "bert" if _path_str(path).startswith(tuple(prefixes)) else "rest",
+            lambda path, _: ("bert" if jax.tree_util.keystr(path, simple=True, separator="/")
+                             .startswith(tuple(prefixes)) else "rest"),
             params,
         )
 

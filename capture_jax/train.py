@@ -60,8 +60,8 @@ def _model_and_optimizer(config: ml_collections.ConfigDict, tx: optax.GradientTr
     return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
 
 
-def create_train_state(config, mesh, rules, tx) -> TrainState:
-    """Abstract model/optimiser -> shardings -> parameters initialised already sharded.
+def abstract_train_state(config, mesh, rules, tx) -> TrainState:
+    """Graph definitions, shardings and abstract (shape-only) states: nothing is allocated.
 
     Must run inside `jax.set_mesh(mesh)` and `nnx.logical_axis_rules(rules)`.
     """
@@ -71,13 +71,20 @@ def create_train_state(config, mesh, rules, tx) -> TrainState:
     model_sh = sharding.state_shardings(abstract_model_state, mesh, rules)
     opt_sh = sharding.state_shardings(abstract_opt_state, mesh, rules)
     _check_divisible(abstract_model_state, model_sh, mesh, config.sharding_rules)
+    return TrainState(model_def, opt_def, abstract_model_state, abstract_opt_state, model_sh, opt_sh)
+
+
+def create_train_state(config, mesh, rules, tx) -> TrainState:
+    """Parameters and optimiser state initialised directly sharded (never on one device)."""
+    state = abstract_train_state(config, mesh, rules, tx)
 
     def init():
         model, opt = _model_and_optimizer(config, tx)
         return nnx.state(model), nnx.state(opt)
 
-    model_state, opt_state = jax.jit(init, out_shardings=(model_sh, opt_sh))()
-    return TrainState(model_def, opt_def, model_state, opt_state, model_sh, opt_sh)
+    state.model, state.opt = jax.jit(init, out_shardings=(state.model_sharding,
+                                                          state.opt_sharding))()
+    return state
 
 
 def make_train_step(config, state: TrainState, batch_sharding: NamedSharding, mesh):
@@ -169,9 +176,9 @@ def _check_divisible(abstract_state, shardings, mesh, rules_name: str) -> None:
 
 def restore_or_initialize(config, workdir, mesh, rules, tx, manager):
     """Start-up order: latest checkpoint in workdir > config.init_from > from scratch."""
-    state = create_train_state(config, mesh, rules, tx)
     latest = manager.latest_step()
-    if latest is not None:
+    if latest is not None:  # Restored straight onto the shardings: no initialisation first.
+        state = abstract_train_state(config, mesh, rules, tx)
         restored = checkpointing.restore(
             manager, latest,
             checkpointing.abstract_target(state.model, state.model_sharding),
@@ -179,6 +186,7 @@ def restore_or_initialize(config, workdir, mesh, rules, tx, manager):
         state.model, state.opt = restored["model"], restored["opt"]
         logging.info("Resumed from %s at step %d.", manager.directory, latest)
         return state, latest, f"resumed at step {latest}"
+    state = create_train_state(config, mesh, rules, tx)
     if config.init_from.checkpoint:
         state.model, _ = checkpointing.restore_weights(
             config.init_from.checkpoint,
@@ -344,7 +352,7 @@ def evaluate_only(config: ml_collections.ConfigDict, workdir: str) -> dict:
             "point --workdir at a run, or at a directory from `python -m capture_jax.convert`.")
     writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
     with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
-        state = create_train_state(config, mesh, rules, optim.create_optimizer(config))
+        state = abstract_train_state(config, mesh, rules, optim.create_optimizer(config))
         state.model = checkpointing.restore(
             manager, step, checkpointing.abstract_target(state.model, state.model_sharding))["model"]
     manager.close()
