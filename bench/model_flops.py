@@ -14,10 +14,6 @@ import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from anywhere
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import ml_collections  # noqa: E402
-from flax import nnx  # noqa: E402
 
 from capture_jax.models import variants  # noqa: E402
 from capture_jax.models.cost import forward_flops, parameter_count  # noqa: E402

@@ -4,8 +4,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
-import pytest
 
 from capture_jax import optim
 
