@@ -28,8 +28,10 @@ LABEL_SEP = "#;#"
 _EXIF_ORIENTATION = 0x0112
 JPEG_QUALITY = 92
 
-# Reasons a row is skipped. rows_read == written + sum(skipped) for every split.
-SKIP_REASONS = ("short_row", "bad_id", "no_labels", "duplicate_id", "missing_image", "bad_image")
+# Reasons a row is skipped. rows_read == written + sum(skipped) for every split. The last two
+# apply to region-feature builds only (see `region_features`).
+SKIP_REASONS = ("short_row", "bad_id", "no_labels", "duplicate_id", "missing_image", "bad_image",
+                "missing_regions", "bad_regions")
 
 
 def split_filename(split: str) -> str:

@@ -20,6 +20,16 @@ So per split: examples kept = rows - short_row - duplicate_id - missing_image - 
 which equals the clean row count of the spec (`num_train`, `num_products * gallery_per_product`,
 `num_dev`, `num_test`). Every row's content is seeded by (seed, split, index) alone.
 
+Region features (`spec.region_features`, `--region_features`): `region_features/<split>.tsv` in
+the bottom-up-attention format (`region_features.py`), one line per image. Boxes are the true
+product boxes (the drawn sprite's opaque extent, clipped to the image) plus 2-4 random distractor
+boxes, shuffled. Each region's feature is `StandInDetector`: a fixed, seeded random projection
+(then ReLU) of the region's crop downsampled to 16 x 16 RGB. It stands in for a frozen detector
+backbone: like one, it maps the same product to nearby features whatever the picture, but it
+knows nothing about objects. With dirty rows, per split: the missing_image row has no line
+(`no_features`), the corrupt_image row's line is cut short (`bad_features`), and the last clean
+row's line has zero boxes (`zero_boxes`, still a valid example).
+
 Command: python -m tfds_product1m.synthetic --out DIR [--products N] [--train N] ...
 """
 
@@ -39,10 +49,11 @@ import time
 import numpy as np
 from PIL import Image, ImageDraw
 
+from tfds_product1m import region_features
 from tfds_product1m.product1m_files import FIELD_SEP as SEP
 from tfds_product1m.product1m_files import LABEL_SEP, SPLITS, split_filename
 from tfds_product1m.synthetic_spec import (DIRTY_KINDS, DROPPED_KINDS, EXTRA_LINES,  # noqa: F401
-                                           ROW_QUIRKS, TINY, SyntheticSpec)
+                                           REGION_DIRTY_KINDS, ROW_QUIRKS, TINY, SyntheticSpec)
 
 SPLIT_CODE = {"train": 1, "gallery": 2, "dev": 3, "test": 4}  # the 2nd id digit: unique ids
 
@@ -254,9 +265,13 @@ class Renderer:
             self._sprites[index] = sprite.convert("RGBa")
         return self._sprites[index]
 
-    def render(self, products: list[int], rnd: random.Random, transparent: bool = False
-               ) -> Image.Image:
-        """Random background, position, scale, small rotation, overlap and lighting jitter."""
+    def render(self, products: list[int], rnd: random.Random, transparent: bool = False,
+               boxes: list | None = None) -> Image.Image:
+        """Random background, position, scale, small rotation, overlap and lighting jitter.
+
+        If `boxes` is a list, each drawn product's box (x1, y1, x2, y2 in pixels: the sprite's
+        opaque extent, clipped to the image) is appended to it, in drawing order.
+        """
         s, n = self.size, len(products)
         if transparent:
             im = Image.new("RGBA", (s, s), (0, 0, 0, 0))
@@ -275,11 +290,75 @@ class Renderer:
             sp, f = self.sprite(idx), scale / 0.9  # sprites are drawn 0.9 * size high
             sp = sp.resize((max(4, int(sp.width * f)), max(4, int(sp.height * f))), BILINEAR)
             sp = sp.rotate(angle, BILINEAR, expand=True).convert("RGBA")
-            im.paste(sp, (int(cx - sp.width / 2), int(bottom - sp.height)), sp)
+            x, y = int(cx - sp.width / 2), int(bottom - sp.height)
+            im.paste(sp, (x, y), sp)
+            opaque = sp.getchannel("A").getbbox()
+            if boxes is not None and opaque:
+                x1, y1 = max(0, x + opaque[0]), max(0, y + opaque[1])
+                x2, y2 = min(s, x + opaque[2]), min(s, y + opaque[3])
+                if x2 > x1 and y2 > y1:
+                    boxes.append((x1, y1, x2, y2))
         c, b = rnd.uniform(0.8, 1.15), rnd.uniform(-25, 25)  # contrast, brightness, colour cast
         tint = np.array([rnd.uniform(-8, 8) for _ in range(3)])[:, None]
         lut = np.clip((_LEVELS - 128) * c + 128 + b + tint, 0, 255).astype(np.int64).ravel()
         return im.point(lut.tolist() + (list(range(256)) if transparent else []))
+
+
+# ----------------------------------------------------------------------------- regions
+class StandInDetector:
+    """Stand-in for a frozen detector backbone: region feature = ReLU(crop @ W).
+
+    crop = the region resized to 16 x 16 RGB, scaled to [-1, 1] and flattened (768 values); W is
+    a fixed Gaussian [768, feature_dim] matrix seeded by the spec's seed (scaled by 1/sqrt(768)),
+    so the same crop always gives the same feature and similar crops give nearby ones.
+    """
+
+    CROP = 16
+
+    def __init__(self, feature_dim: int, seed: int):
+        d_in = self.CROP * self.CROP * 3
+        rng = np.random.default_rng([seed, 0x52454749])  # "REGI": apart from other seeded uses
+        self.weights = (rng.standard_normal((d_in, feature_dim)) / np.sqrt(d_in)).astype(np.float32)
+
+    def __call__(self, image: Image.Image, boxes: np.ndarray) -> np.ndarray:
+        """float32 [n, feature_dim] for `boxes` [n, 4] (x1, y1, x2, y2 in pixels of `image`)."""
+        if not len(boxes):
+            return np.zeros((0, self.weights.shape[1]), np.float32)
+        crops = np.stack([np.asarray(image.resize((self.CROP, self.CROP), BILINEAR,
+                                                  box=tuple(float(v) for v in b)), np.float32)
+                          for b in boxes])
+        x = crops.reshape(len(boxes), -1) / 127.5 - 1.0
+        return np.maximum(x @ self.weights, 0.0)
+
+
+def region_boxes(products: list[tuple[int, int, int, int]], size: int, rnd: random.Random
+                 ) -> np.ndarray:
+    """The products' boxes plus 2-4 random distractor boxes, shuffled: float32 [n, 4]."""
+    boxes = [tuple(map(float, b)) for b in products]
+    for _ in range(rnd.randint(2, 4)):
+        w, h = rnd.uniform(0.15, 0.6) * size, rnd.uniform(0.15, 0.6) * size
+        x, y = rnd.uniform(0, size - w), rnd.uniform(0, size - h)
+        boxes.append((x, y, x + w, y + h))
+    rnd.shuffle(boxes)
+    return np.asarray(boxes, np.float32).reshape(-1, 4)
+
+
+def region_line(row_id: str, image: Image.Image, product_boxes: list, detector: StandInDetector,
+                rnd: random.Random, kind: str | None) -> str:
+    """The TSV line of one picture; `kind` zero_boxes / bad_features makes it dirty on purpose."""
+    if image.mode != "RGB":  # Transparent pictures (png_as_jpg) are seen on white, as built.
+        white = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(white, image.convert("RGBA")).convert("RGB")
+    boxes = region_boxes(product_boxes, image.width, rnd)
+    if kind == "zero_boxes":
+        boxes = boxes[:0]
+    line = region_features.encode_line(row_id, image.width, image.height, boxes,
+                                       detector(image, boxes))
+    if kind == "bad_features":  # Cut inside the features field: base64 of a wrong length.
+        fields = line.rstrip("\n").split("\t")
+        fields[-1] = fields[-1][: len(fields[-1]) // 2 + 1]
+        line = "\t".join(fields) + "\n"
+    return line
 
 
 # ----------------------------------------------------------------------------- rows
@@ -384,6 +463,9 @@ def _encode(im: Image.Image, kind: str | None) -> bytes:
     return data[: len(data) // 3] if kind == "corrupt_image" else data
 
 
+REGION_DIR = "region_features"  # <out>/region_features/<split>.tsv
+
+
 def image_path(out_dir: str | os.PathLike, split: str, row_id: str) -> pathlib.Path:
     """Community-script-like layout: images/<split>/<last two id digits>/<id>.jpg."""
     return pathlib.Path(out_dir) / "images" / split / row_id[-2:] / f"{row_id}.jpg"
@@ -411,22 +493,35 @@ def write_split(out_dir: pathlib.Path, spec: SyntheticSpec, catalogue: list[Prod
                    for e, kind in enumerate(EXTRA_LINES, 1)} if spec.dirty else {}
     lines: list[str] = []
     dirty_rows: list[dict] = []
+    tsv_lines: list[str] = []
+    region_dirty = {k: 0 for k in REGION_DIRTY_KINDS}
 
-    def emit(row: Row, kind: str | None) -> None:
+    def emit(row: Row, kind: str | None, region_kind: str | None = None) -> None:
         rnd = random.Random(f"{spec.seed}/{split}/{row.id}/image")
         if kind:
             row_id = None if kind == "blank_line" else row.id
             dirty_rows.append({"kind": kind, "id": row_id, "line": len(lines) + 1})
         lines.append("\n" if kind == "blank_line" else _line(row, split, catalogue, kind))
         if kind not in ("blank_line", "short_row", "missing_image", "duplicate_id"):
-            im = renderer.render(row.products, rnd, transparent=kind == "png_as_jpg")
+            boxes: list = []
+            im = renderer.render(row.products, rnd, transparent=kind == "png_as_jpg", boxes=boxes)
             path = image_path(out_dir, split, row.id)
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(_encode(im, kind))
+            if detector is not None:
+                region_kind = "bad_features" if kind == "corrupt_image" else region_kind
+                tsv_lines.append(region_line(row.id, im, boxes, detector, random.Random(
+                    f"{spec.seed}/{split}/{row.id}/regions"), region_kind))
+        elif detector is not None and kind == "missing_image":
+            region_kind = "no_features"
+        if detector is not None and region_kind:
+            region_dirty[region_kind] += 1
 
+    detector = StandInDetector(spec.feature_dim, spec.seed) if spec.region_features else None
     for i in range(n):
         row = make_row(spec, catalogue, split, i, random.Random(f"{spec.seed}/{split}/{i}"))
-        emit(row, quirk_at.get(i) if spec.dirty else None)
+        emit(row, quirk_at.get(i) if spec.dirty else None,
+             "zero_boxes" if spec.dirty and i == n - 1 else None)
         if i in extra_after:
             kind = extra_after[i]
             e = 10**8 - 1 - EXTRA_LINES.index(kind)  # ids far from clean rows: those stay stable
@@ -437,9 +532,16 @@ def write_split(out_dir: pathlib.Path, spec: SyntheticSpec, catalogue: list[Prod
     (out_dir / split_filename(split)).write_bytes("".join(lines).encode("utf-8"))
     counts = {k: sum(r["kind"] == k for r in dirty_rows) for k in DIRTY_KINDS}
     rows = len(lines) - counts["blank_line"]
-    return {"file": split_filename(split), "lines": len(lines), "rows": rows,
-            "examples": rows - sum(counts[k] for k in DROPPED_KINDS),
-            "dirty": counts, "dirty_rows": dirty_rows}
+    summary = {"file": split_filename(split), "lines": len(lines), "rows": rows,
+               "examples": rows - sum(counts[k] for k in DROPPED_KINDS),
+               "dirty": counts, "dirty_rows": dirty_rows}
+    if detector is not None:
+        tsv = out_dir / REGION_DIR / f"{split}.tsv"
+        tsv.parent.mkdir(parents=True, exist_ok=True)
+        tsv.write_bytes("".join(tsv_lines).encode("ascii"))
+        summary.update(region_file=str(tsv.relative_to(out_dir)), region_lines=len(tsv_lines),
+                       region_dirty=region_dirty)
+    return summary
 
 
 def write_product1m(out_dir: str | os.PathLike, spec: SyntheticSpec) -> dict:
@@ -448,7 +550,9 @@ def write_product1m(out_dir: str | os.PathLike, spec: SyntheticSpec) -> dict:
     Summary: {split: {"file", "lines" (incl. blank), "rows" (non-blank lines a parser reads),
     "examples" (rows a correct builder keeps = rows - short_row - duplicate_id - missing_image -
     corrupt_image), "dirty": {kind: count for every kind in DIRTY_KINDS},
-    "dirty_rows": [{"kind", "id" (None for the blank line), "line" (1-based)}, ...]}}.
+    "dirty_rows": [{"kind", "id" (None for the blank line), "line" (1-based)}, ...]}}, plus with
+    region features "region_file", "region_lines" (TSV lines) and "region_dirty": {kind: count
+    for every kind in REGION_DIRTY_KINDS}.
     """
     spec.validate()
     out = pathlib.Path(out_dir)
@@ -462,6 +566,8 @@ def write_product1m(out_dir: str | os.PathLike, spec: SyntheticSpec) -> dict:
         "drawn images; not the real dataset.\n"
         f"seed: {spec.seed}\nspec: {json.dumps(dataclasses.asdict(spec))}\n"
         "images: images/<split>/<last two id digits>/<id>.jpg\n"
+        + (f"region features: {REGION_DIR}/<split>.tsv (stand-in detector, see the module "
+           "docstring)\n" if spec.region_features else "") +
         f"dirty rows (see the module docstring): {json.dumps(counts, ensure_ascii=False)}\n",
         encoding="utf-8")
     return summary
@@ -482,12 +588,16 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", required=True, help="output directory")
     flags = {"products": ("num_products", 2), "train": ("num_train", 1),
              "gallery_per_product": ("gallery_per_product", 1), "dev": ("num_dev", 1),
-             "test": ("num_test", 1), "image_size": ("image_size", 32), "seed": ("seed", 0)}
+             "test": ("num_test", 1), "image_size": ("image_size", 32), "seed": ("seed", 0),
+             "feature_dim": ("feature_dim", 1)}
     for flag, (field, minimum) in flags.items():
         ap.add_argument(f"--{flag}", dest=field, type=_count(minimum),
                         default=getattr(SyntheticSpec(), field), help=f"integer >= {minimum}")
     ap.add_argument("--no_dirty", dest="dirty", action="store_false",
                     help="write no deliberately dirty rows")
+    ap.add_argument("--region_features", action="store_true",
+                    help="also write bottom-up-attention style region feature TSVs "
+                         "(stand-in detector, --feature_dim wide)")
     args = vars(ap.parse_args(argv))
     out_dir = args.pop("out")
     spec = SyntheticSpec(**args)

@@ -15,6 +15,10 @@ ROW_QUIRKS = ("crlf", "png_as_jpg", "grayscale", "cmyk", "exif_rotated", "empty_
 EXTRA_LINES = ("blank_line", "short_row", "missing_image", "corrupt_image", "duplicate_id")
 DIRTY_KINDS = ROW_QUIRKS + EXTRA_LINES
 DROPPED_KINDS = ("short_row", "duplicate_id", "missing_image", "corrupt_image")
+# With region features, per split (see synthetic.py): a clean row whose TSV line has zero boxes
+# (kept), the corrupt_image row's line cut short (bad_regions), the missing_image row without a
+# line (missing_regions). Both dropped rows are dropped by every build, so the examples stay equal.
+REGION_DIRTY_KINDS = ("zero_boxes", "bad_features", "no_features")
 MAX_PRODUCTS = 1000
 
 
@@ -29,6 +33,8 @@ class SyntheticSpec:
     image_size: int = 256
     seed: int = 0
     dirty: bool = True
+    region_features: bool = False  # Also write bottom-up-attention style TSVs (stand-in features).
+    feature_dim: int = 2048  # Width of those features.
 
     def split_rows(self, split: str) -> int:
         """Number of clean rows (all of them valid examples) in a split."""
@@ -47,6 +53,7 @@ class SyntheticSpec:
              "gallery_per_product, num_dev and num_test must be >= 1"),
             (32 <= self.image_size <= 1024, f"image_size must be 32..1024, got {self.image_size}"),
             (self.seed >= 0, f"seed must be >= 0, got {self.seed}"),
+            (1 <= self.feature_dim <= 8192, f"feature_dim must be 1..8192, got {self.feature_dim}"),
             (not self.dirty or min(self.split_rows(s) for s in SPLITS) >= need,
              f"with dirty rows every split needs >= {need} rows (add rows or use --no_dirty)")]
         for ok, message in checks:
@@ -56,3 +63,6 @@ class SyntheticSpec:
 
 TINY = SyntheticSpec(num_products=24, num_train=96, gallery_per_product=3, num_dev=16,
                      num_test=16, image_size=96)
+REGIONS = SyntheticSpec(region_features=True)
+# 24-d features: the width of the `tiny` model variant's region input.
+TINY_REGIONS = dataclasses.replace(TINY, region_features=True, feature_dim=24)

@@ -1,11 +1,15 @@
 """TFDS builder for Product1M (ICCV 2021): the real files, or a synthetic stand-in with no download.
 
     tfds build tfds_product1m --config=full --manual_dir=DIR [--data_dir=D]
+    tfds build tfds_product1m --config=full_regions --manual_dir=DIR [--data_dir=D]
     tfds build tfds_product1m --config=synthetic_tiny [--data_dir=D]
 
-`full` reads the official text files and `<id>.jpg` images from the manual directory. `synthetic`
-and `synthetic_tiny` first write a Product1M-format directory with `tfds_product1m.synthetic`, then
-build it through exactly the same parsing code, so every test exercises the real path.
+`full` reads the official text files and `<id>.jpg` images from the manual directory.
+`full_regions` joins the same rows with detector region features from bottom-up-attention
+`*.tsv` files anywhere under the manual directory (`region_features.py`), without images. The
+`synthetic*` configs first write a Product1M-format directory (with such TSVs for the `_regions`
+ones) with `tfds_product1m.synthetic`, then build it through exactly the same parsing code, so
+every test exercises the real path.
 
 Every split's audit (rows read, written, skipped by reason, repaired) is logged at the end of the
 build and stored in the dataset's `metadata.json` under `build_stats`.
@@ -26,7 +30,7 @@ from etils import epath
 from tensorflow_datasets.core.utils.lazy_imports_utils import apache_beam as beam
 
 from . import product1m_files as files
-from . import synthetic_spec
+from . import region_features, synthetic_spec
 
 _MANUAL_INSTRUCTIONS = """\
 Product1M cannot be downloaded automatically. To build the `full` config:
@@ -38,6 +42,9 @@ Product1M cannot be downloaded automatically. To build the `full` config:
      any folder layout under the manual directory is fine (images/<id>.jpg, data/<split>/xx/<id>.jpg).
   3. Put the text files at the top of one directory with the images below it, and run
        tfds build tfds_product1m --config=full --manual_dir=THAT_DIR --data_dir=YOUR_DATA_DIR
+For --config=full_regions, put your bottom-up-attention feature files (*.tsv, one line per image:
+image_id image_w image_h num_boxes boxes features, the ids being the Product1M ids) anywhere under
+the same directory; the images are then not needed.
 No download at all: --config=synthetic (or synthetic_tiny) builds a Product1M-shaped synthetic set.
 """
 
@@ -52,11 +59,23 @@ class Product1MConfig(tfds.core.BuilderConfig):
         `--manual_dir`.
       max_workers: image decoding runs in up to this many processes (capped at the CPU count)
         when not building with Beam. The output does not depend on it.
+      region_features: join every row with its detector regions from the `*.tsv` files under
+        the data directory (`region_features.py`); rows without a decodable line are skipped.
+        Stored per row as `regions`: `features` float16 [n, feature_dim] (half of float32's
+        size), `boxes` float32 [n, 4] (x1, y1, x2, y2 in pixels), `image_width`/`image_height`
+        (the image the boxes refer to). n is what the file holds (the input pipeline pads or
+        truncates to the model's region count).
+      feature_dim: width of the region features (2048 for the bottom-up-attention ResNet-101).
+      with_image: store the image. Region users often have no pixels: then images are neither
+        needed nor looked for.
     """
 
     max_image_side: int = 256
     synthetic: synthetic_spec.SyntheticSpec | None = None
     max_workers: int = 16
+    region_features: bool = False
+    feature_dim: int = 2048
+    with_image: bool = True
 
 
 # Below this many rows a split is cleaned in-process: a pool's start-up would cost more.
@@ -82,25 +101,67 @@ class Builder(tfds.core.GeneratorBasedBuilder):
             synthetic=synthetic_spec.TINY,
             max_image_side=synthetic_spec.TINY.image_size,
         ),
+        Product1MConfig(
+            name="full_regions",
+            description="The real Product1M rows with detector region features (*.tsv files in "
+                        "--manual_dir), no images.",
+            region_features=True,
+            with_image=False,
+        ),
+        Product1MConfig(
+            name="synthetic_regions",
+            description="The `synthetic` rows with stand-in detector region features, no images.",
+            synthetic=synthetic_spec.REGIONS,
+            region_features=True,
+            feature_dim=synthetic_spec.REGIONS.feature_dim,
+            with_image=False,
+        ),
+        Product1MConfig(
+            name="synthetic_regions_tiny",
+            description="The `synthetic_tiny` rows with 24-d stand-in region features, for tests.",
+            synthetic=synthetic_spec.TINY_REGIONS,
+            max_image_side=synthetic_spec.TINY_REGIONS.image_size,
+            region_features=True,
+            feature_dim=synthetic_spec.TINY_REGIONS.feature_dim,
+            with_image=False,
+        ),
     ]
 
     def _info(self) -> tfds.core.DatasetInfo:
+        config = self.builder_config
+        if not (config.with_image or config.region_features):
+            raise ValueError(f"Config {config.name} stores neither images nor region features: "
+                             "set with_image or region_features.")
+        features = {
+            "id": tfds.features.Text(doc="Item id (decimal string, unique within a split)."),
+            "title": tfds.features.Text(doc="Chinese e-commerce title; may be empty."),
+            "labels": tfds.features.Sequence(
+                tfds.features.Text(),
+                doc="Instance labels, order and duplicates kept; empty for train.",
+            ),
+            "original_width": tfds.features.Scalar(np.int32, doc="Width before down-scaling."),
+            "original_height": tfds.features.Scalar(np.int32, doc="Height before down-scaling."),
+        }
+        if config.with_image:
+            features["image"] = tfds.features.Image(
+                shape=(None, None, 3),
+                encoding_format="jpeg",
+                doc="Upright RGB JPEG, longer side <= config.max_image_side.",
+            )
+        if config.region_features:
+            features["regions"] = tfds.features.FeaturesDict({
+                "features": tfds.features.Tensor(
+                    shape=(None, config.feature_dim), dtype=np.float16,
+                    encoding=tfds.features.Encoding.BYTES,
+                    doc="Detector region features (float16), in the TSV's order."),
+                "boxes": tfds.features.Tensor(
+                    shape=(None, 4), dtype=np.float32,
+                    doc="x1, y1, x2, y2 in pixels of image_width x image_height."),
+                "image_width": tfds.features.Scalar(np.int32, doc="Width the boxes refer to."),
+                "image_height": tfds.features.Scalar(np.int32, doc="Height the boxes refer to."),
+            })
         return self.dataset_info_from_configs(
-            features=tfds.features.FeaturesDict({
-                "id": tfds.features.Text(doc="Item id (decimal string, unique within a split)."),
-                "title": tfds.features.Text(doc="Chinese e-commerce title; may be empty."),
-                "image": tfds.features.Image(
-                    shape=(None, None, 3),
-                    encoding_format="jpeg",
-                    doc="Upright RGB JPEG, longer side <= config.max_image_side.",
-                ),
-                "labels": tfds.features.Sequence(
-                    tfds.features.Text(),
-                    doc="Instance labels, order and duplicates kept; empty for train.",
-                ),
-                "original_width": tfds.features.Scalar(np.int32, doc="Width before down-scaling."),
-                "original_height": tfds.features.Scalar(np.int32, doc="Height before down-scaling."),
-            }),
+            features=tfds.features.FeaturesDict(features),
             supervised_keys=None,
             homepage="https://github.com/zhanxlin/Product1M",
             metadata=tfds.core.MetadataDict(),
@@ -132,13 +193,16 @@ class Builder(tfds.core.GeneratorBasedBuilder):
             root,
             f" (no file for {missing}, not built)" if missing else "",
         )
-        image_index, duplicate_names = files.index_images(root)
-        logging.info(
-            "Product1M: indexed %d images under %s (%d duplicate file names ignored).",
-            len(image_index),
-            root,
-            duplicate_names,
-        )
+        image_index, duplicate_names = {}, 0
+        if config.with_image:
+            image_index, duplicate_names = files.index_images(root)
+            logging.info(
+                "Product1M: indexed %d images under %s (%d duplicate file names ignored).",
+                len(image_index),
+                root,
+                duplicate_names,
+            )
+        region_index = self._index_regions(root, split_paths) if config.region_features else None
         metadata = self.info.metadata
         metadata["source"] = "synthetic" if config.synthetic else "manual_dir"
         if config.synthetic:
@@ -148,14 +212,42 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         metadata["image_index"] = {"files": len(image_index), "duplicate_names": duplicate_names}
         metadata.setdefault("build_stats", {})
         return {
-            split: self._generate_examples(split, path, image_index)
+            split: self._generate_examples(split, path, image_index, region_index)
             for split, path in split_paths.items()
         }
 
-    def _generate_examples(self, split: str, path: str, image_index: dict[str, str]):
+    def _index_regions(self, root, split_paths: dict[str, str]) -> dict:
+        """{id: (tsv path, offset)} of every `*.tsv` under `root`; checks the feature width."""
+        config = self.builder_config
+        tsv_files = region_features.find_tsv_files(root)
+        if not tsv_files:
+            raise FileNotFoundError(
+                f"No region feature file (*.tsv) found under {root}: put the bottom-up-attention "
+                "TSV files of the Product1M images there, or build the `full` config (images).")
+        # One pass over every byte, bound by the disk, so in-process (no fork of a process
+        # that may already run JAX/TF threads). The index holds ids and offsets, not features.
+        index, stats = region_features.index_tsv_files(tsv_files)
+        logging.info("Product1M: indexed region features of %d images in %d TSV files under %s "
+                     "(%s).", stats.indexed, stats.files, root, json.dumps(stats.to_json()))
+        self.info.metadata["region_index"] = stats.to_json()
+        ids = (row.id for split, path in split_paths.items()
+               for row in files.read_split_file(path, split)[0][:50])
+        dim, where = region_features.probe_feature_dim(index, ids)
+        if dim is not None and dim != config.feature_dim:
+            raise ValueError(
+                f"The region features in {where} are {dim}-d but config {config.name} expects "
+                f"{config.feature_dim}-d: use features from a {config.feature_dim}-d detector "
+                "(bottom-up-attention ResNet-101), or a config with that feature_dim.")
+        return index
+
+    def _generate_examples(self, split: str, path: str, image_index: dict[str, str],
+                           region_index: dict | None = None):
         rows, stats = files.read_split_file(path, split)
-        pairs = [(row, image_index.get(row.id)) for row in rows]
-        max_side = self.builder_config.max_image_side
+        config = self.builder_config
+        pairs = [(row, image_index.get(row.id),
+                  None if region_index is None else region_index.get(row.id)) for row in rows]
+        load = _Loader(config.max_image_side, config.with_image, config.region_features,
+                       config.feature_dim)
         if getattr(self, "_use_beam", False):
             # Row-level counts are final here; image-level ones are Beam counters on the workers.
             self.info.metadata["build_stats"][split] = dict(
@@ -164,12 +256,11 @@ class Builder(tfds.core.GeneratorBasedBuilder):
             return (
                 f"Create_{split}" >> beam.Create(pairs)
                 | f"Reshuffle_{split}" >> beam.Reshuffle()
-                | f"Load_{split}" >> beam.FlatMap(functools.partial(_beam_load, split, max_side))
+                | f"Load_{split}" >> beam.FlatMap(functools.partial(_beam_load, split, load))
             )
-        return self._generate_local(split, pairs, stats, max_side)
+        return self._generate_local(split, pairs, stats, load)
 
-    def _generate_local(self, split, pairs, stats: files.SplitStats, max_side: int):
-        load = functools.partial(_load_pair, max_side)
+    def _generate_local(self, split, pairs, stats: files.SplitStats, load: "_Loader"):
         workers = min(multiprocessing.cpu_count(), self.builder_config.max_workers)
         if workers > 1 and len(pairs) >= _MIN_ROWS_FOR_POOL:
             # Image decoding dominates; workers need only PIL, so forking after TF loaded is safe.
@@ -193,14 +284,26 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         logging.info("Product1M %s: %s", split, json.dumps(summary, ensure_ascii=False))
 
 
-def _load_pair(max_side: int, pair):
-    row, image_path = pair
-    return files.load_example(row, image_path, max_side)
+@dataclasses.dataclass(frozen=True)
+class _Loader:
+    """(row, image path, region location) -> (example or None, reasons); picklable for workers."""
+
+    max_side: int
+    with_image: bool
+    region_features: bool
+    feature_dim: int
+
+    def __call__(self, pair):
+        row, image_path, location = pair
+        if not self.region_features:
+            return files.load_example(row, image_path, self.max_side)
+        return region_features.load_row(row, image_path, location, max_side=self.max_side,
+                                        with_image=self.with_image, feature_dim=self.feature_dim)
 
 
-def _beam_load(split: str, max_side: int, pair):
+def _beam_load(split: str, load: _Loader, pair):
     """Beam worker: one row to zero or one example, counting what happened."""
-    example, reasons = _load_pair(max_side, pair)
+    example, reasons = load(pair)
     for reason in reasons:
         beam.metrics.Metrics.counter("product1m", f"{split}/{reason}").inc()
     if example is not None:
