@@ -21,18 +21,39 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs
 _MODE = flags.DEFINE_enum(
     "mode", "train_and_evaluate", ["train_and_evaluate", "evaluate"],
     "Train (resuming from --workdir if possible) then evaluate, or only evaluate its latest checkpoint.")
+
+
+def _env_count(name: str) -> str | None:
+    """The integer environment variable `name` (a flag default), checked: one sentence if bad."""
+    value = os.environ.get(name)
+    if value is not None and not value.strip().isdigit():
+        raise SystemExit(f"error: {name}={value!r} is not a non-negative integer: fix or unset it.")
+    return value
+
+
 _COORDINATOR = flags.DEFINE_string(
-    "coordinator_address", None, "host:port of process 0, for multi-process runs on clusters JAX "
-    "does not detect by itself (TPU pods, SLURM, Open MPI and Kubernetes are detected).")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the run.")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+    "coordinator_address", os.environ.get("JAX_COORDINATOR_ADDRESS"), "host:port of process 0, "
+    "for multi-process runs on clusters JAX does not detect by itself (TPU pods, SLURM, Open MPI "
+    "and Kubernetes are detected). Default: $JAX_COORDINATOR_ADDRESS.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", _env_count("JAX_NUM_PROCESSES"),
+                                      "Processes in the run. Default: $JAX_NUM_PROCESSES.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", _env_count("JAX_PROCESS_ID"),
+                                   "This process's index. Default: $JAX_PROCESS_ID.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
 def _initialize_distributed() -> None:
-    """Explicit flags > cluster auto-detection > a one-process run (pre-emption saves need it)."""
-    if _COORDINATOR.value or _NUM_PROCESSES.value:
-        jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    """Explicit flags (or their environment variables) > cluster auto-detection > a one-process
+    run (pre-emption saves need `jax.distributed` even then)."""
+    explicit = (_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    if any(v is not None for v in explicit):
+        try:  # Auto-detection may complete what is missing (e.g. the process id on SLURM).
+            jax.distributed.initialize(*explicit)
+        except (ValueError, TypeError) as e:
+            raise SystemExit(
+                f"error: cannot start as one of several processes ({e}): give all of "
+                "--coordinator_address, --num_processes and --process_id, or none of them where "
+                "JAX detects the cluster (TPU pods, SLURM, Open MPI, Kubernetes).") from None
         return
     try:
         jax.distributed.initialize()

@@ -1,18 +1,28 @@
-"""Training throughput: examples/s, step time and MFU per (variant, batch), plus the input pipeline.
+"""Training throughput: examples/s, step time, memory and MFU per setting, plus the input pipeline.
 
     python bench/train_throughput.py [--variants demo,paper] [--batch_sizes 8,32] [--steps 5]
-        [--dtype float32|bfloat16] [--remat] [--pipeline]
+        [--dtype float32,bfloat16] [--remat none,all] [--mlm_max_predictions 0,8]
+        [--attention_impl auto|xla|cudnn] [--pipeline]
+
+Every combination of the comma-separated settings is measured (defaults: the variant's dtype,
+no remat, MLM logits at every position, attention 'auto'). `--remat all` rematerialises every
+layer stack (text, visual, co, joint); `--mlm_max_predictions K` computes MLM logits at the first
+K selected positions only (`config.model.mlm_max_predictions`); `--attention_impl cudnn` needs a
+GPU and bfloat16.
 
 The step is the real jitted `train_step` of capture_jax/train.py (forward, three losses, backward,
-AdamW) on random batches of the variant's shapes, over all local devices as a data-parallel mesh;
-the median of `--steps` timed steps after two warm-up steps. MFU uses the spec's 41.7 GFLOP per
-example for `paper` and 3 x XLA's forward count otherwise, against the device's peak bf16 FLOP/s
-(none on CPU: MFU is null there, achieved FLOP/s is printed instead). `--pipeline` also measures
-the tf.data input pipeline of the `demo` config (examples/s, on the synthetic data). One JSON line
-per measurement.
+AdamW) on random batches of the variant's shapes, over all local devices as a data-parallel mesh,
+compiled ahead of time so XLA's memory analysis of it can be printed (`temp_mib`: the step's
+scratch memory, activations included, per device); the median of `--steps` timed steps after two
+warm-up steps. FLOPs per example: for `paper` the spec's 41.7 G (less XLA's count of what
+`mlm_max_predictions` saves), otherwise 3 x XLA's forward count (with the MLM logits the model
+computes); MFU divides the achieved FLOP/s by the device's peak bf16 FLOP/s (none on CPU: MFU is
+null there, achieved FLOP/s is printed instead). `--pipeline` also measures the tf.data input
+pipeline of the `demo` config (examples/s, on the synthetic data). One JSON line per measurement.
 """
 
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -51,13 +61,18 @@ def random_batch(model_config, batch_size: int, seed: int = 0) -> dict[str, np.n
     return batch
 
 
-def measure_step(variant: str, batch_size: int, steps: int, dtype: str | None, remat: bool) -> dict:
+def measure_step(variant: str, batch_size: int, steps: int, dtype: str | None, remat: str,
+                 mlm_max_predictions: int, attention_impl: str) -> dict:
     config = capture_configs.get_config(variant)
     config.global_batch_size = batch_size
     if dtype:
         config.model.dtype = dtype
+    if remat not in ("none", "all"):
+        raise SystemExit(f"--remat {remat!r}: use none or all.")
     for stack in ("text", "visual", "co", "joint"):
-        config.model[stack].remat = remat
+        config.model[stack].remat = remat == "all"
+    config.model.mlm_max_predictions = mlm_max_predictions
+    config.model.attention_impl = attention_impl
     mesh = sharding.make_mesh({"data": -1})
     rules = sharding.rules("dp")
     tx = optim.create_optimizer(config)
@@ -67,9 +82,11 @@ def measure_step(variant: str, batch_size: int, steps: int, dtype: str | None, r
         step_fn = train.make_train_step(config, state, batch_sh, mesh)
         batch = jax.device_put(random_batch(config.model, batch_size), batch_sh)
         start = time.perf_counter()
+        step_fn = step_fn.lower(state.model, state.opt, batch, 0).compile()
+        compile_s = time.perf_counter() - start
+        memory = step_fn.memory_analysis()
         model, opt, metrics = step_fn(state.model, state.opt, batch, 0)
         jax.block_until_ready(metrics)
-        compile_s = time.perf_counter() - start
         model, opt, metrics = step_fn(model, opt, batch, 1)
         jax.block_until_ready(metrics)
         times = []
@@ -84,13 +101,15 @@ def measure_step(variant: str, batch_size: int, steps: int, dtype: str | None, r
     examples_per_s = batch_size / step_s
     return {
         "bench": "train_step", "variant": variant, "batch": batch_size,
-        "dtype": config.model.dtype, "remat": remat,
+        "dtype": config.model.dtype, "remat": remat, "mlm_max_predictions": mlm_max_predictions,
+        "attention_impl": attention_impl,
         "device": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
         "step_s": round(step_s, 4), "examples_per_s": round(examples_per_s, 2),
         "train_gflop_per_example": round(flops / 1e9, 4),
         "achieved_tflop_per_s": round(examples_per_s * flops / 1e12, 4),
         "mfu": round(examples_per_s * flops / (peak * jax.device_count()), 4) if peak else None,
-        "first_step_s_incl_compile": round(compile_s, 1), "steps_timed": steps,
+        "temp_mib": round(memory.temp_size_in_bytes / 2**20, 1) if memory else None,
+        "compile_s": round(compile_s, 1), "steps_timed": steps,
         "loss_finite": bool(np.isfinite(float(metrics["loss"]))),
     }
 
@@ -115,15 +134,22 @@ def main() -> None:
     parser.add_argument("--variants", default="demo")
     parser.add_argument("--batch_sizes", default="32")
     parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--dtype", default=None, help="compute dtype; default: the variant's")
-    parser.add_argument("--remat", action="store_true", help="rematerialise every layer stack")
+    parser.add_argument("--dtype", default="", help="compute dtypes, e.g. float32,bfloat16; "
+                        "default: the variant's")
+    parser.add_argument("--remat", default="none", help="none and/or all (every layer stack)")
+    parser.add_argument("--mlm_max_predictions", default="0",
+                        help="MLM logits at every position (0) and/or at K selected positions")
+    parser.add_argument("--attention_impl", default="auto", choices=["auto", "xla", "cudnn"])
     parser.add_argument("--pipeline", action="store_true", help="also time the input pipeline")
     args = parser.parse_args()
     logging.set_verbosity(logging.WARNING)
-    for variant in args.variants.split(","):
-        for batch_size in (int(b) for b in args.batch_sizes.split(",")):
-            print(json.dumps(measure_step(variant, batch_size, args.steps, args.dtype, args.remat)),
-                  flush=True)
+    settings = itertools.product(
+        args.variants.split(","), [int(b) for b in args.batch_sizes.split(",")],
+        args.dtype.split(",") if args.dtype else [None], args.remat.split(","),
+        [int(k) for k in args.mlm_max_predictions.split(",")])
+    for variant, batch_size, dtype, remat, mlm_k in settings:
+        print(json.dumps(measure_step(variant, batch_size, args.steps, dtype, remat, mlm_k,
+                                      args.attention_impl)), flush=True)
     if args.pipeline:
         print(json.dumps(measure_pipeline(batches=40)), flush=True)
 

@@ -6,12 +6,23 @@ count); `make_global_batch` turns them into global `jax.Array`s. The canonical k
   text_ids    int32   [B, T]  WordPiece ids `[CLS] title [SEP] 0 ...`, MLM-masked in training.
   text_mask   int32   [B, T]  1 for real tokens (CLS and SEP included), 0 for padding.
   mlm_labels  int32   [B, T]  original id at MLM-selected positions, -1 elsewhere (all -1 in eval).
-  image       float32 [B, H, W, 3]  RGB resized keeping the aspect ratio, padded with black to
-                              H = W = image_size, scaled to [0, 1], then normalised with the
-                              ImageNet mean/std below (input of the `pixels` front end).
-  mrm_mask    float32 [B, P]  1 = patch selected for the MRM loss; P = (H / patch) * (W / patch),
-                              patches in row-major order. All 0 in eval.
-  mrm_zero    float32 [B, P]  1 = patch the model must zero (about 90% of mrm_mask). All 0 in eval.
+  image       float32 [B, H, W, 3]  `pixels` front end: RGB resized keeping the aspect ratio,
+                              padded with black to H = W = image_size, scaled to [0, 1], then
+                              normalised with the ImageNet mean/std below.
+  visual_feats float32 [B, R, D]  `regions` front end: the first R = model.visual.num_regions
+                              detector regions of the image in file order (truncated, or padded
+                              with zero rows), D = model.visual.feature_dim. Unmasked: the model
+                              zeroes `mrm_zero` rows and uses these as MRM targets.
+  visual_boxes float32 [B, R, 5]  `regions`: (x1/W, y1/H, x2/W, y2/H, (x2-x1)(y2-y1)/(W*H)), box
+                              corners in pixels of the W x H image the detector saw (ViLBERT's
+                              5-d location; not clipped); zero rows for padding.
+  visual_mask int32   [B, R]  `regions`: 1 real region, 0 padding. The model prepends the global
+                              token (mean feature, location [0, 0, 1, 1, 1]), so V = R + 1.
+  mrm_mask    float32 [B, P]  1 = patch/region selected for the MRM loss; P = (H / patch) *
+                              (W / patch) patches in row-major order, or R regions (padding never
+                              selected). All 0 in eval.
+  mrm_zero    float32 [B, P]  1 = patch/region the model must zero (about 90% of mrm_mask; the
+                              other 10% stay unchanged; locations are never masked). All 0 in eval.
   valid       int32   [B]     eval only: 1 real row, 0 padding row (the last batches are padded).
 Eval also yields, outside the dict (jax arrays cannot hold strings), `item_ids` (np.ndarray of
 str, "" for padding rows) and `labels` (list of lists of str, duplicates and order kept).
@@ -19,18 +30,19 @@ T = config.model.text.length. The model applies `mrm_zero` and derives MRM targe
 
 Masking (CAPTURE_SPEC "Pretraining objectives"): MLM selects each real token except CLS/SEP with
 p = mlm_prob; of those 80% -> [MASK], 10% -> uniform id in [first_regular_id, vocab_size), 10%
-kept. MRM selects each patch with p = mrm_prob; 90% of those are zeroed. The randomness of an
-example depends only on (config.seed, its global position in the training stream: step *
-global_batch + row in the global batch), through `tf.random.stateless_*`, so a resumed run
-(`start_step`) replays exactly the same examples with exactly the same masks.
+kept. MRM selects each patch or real region with p = mrm_prob; 90% of those are zeroed. The
+randomness of an example depends only on (config.seed, its global position in the training
+stream: step * global_batch + row in the global batch), through `tf.random.stateless_*`, so a
+resumed run (`start_step`) replays exactly the same examples with exactly the same masks.
 
 Config fields read:
   dataset.name (e.g. "tfds_product1m/synthetic_tiny"; synthetic configs are built on first use),
   dataset.data_dir (None = TFDS default), dataset.train_split, dataset.shuffle_buffer,
   vocab_path (None = learn a WordPiece vocab from the train titles into workdir/vocab.txt),
-  vocab_size (target size of a learned vocab), model.text.length, model.visual.image_size,
-  model.visual.patch_size, global_batch_size, eval_batch_size (per host), seed,
-  masking.mlm_prob, masking.mrm_prob.
+  vocab_size (target size of a learned vocab), model.text.length, model.visual.kind,
+  model.visual.image_size and .patch_size (pixels), model.visual.num_regions and .feature_dim
+  (regions), global_batch_size, eval_batch_size (per host), seed, masking.mlm_prob,
+  masking.mrm_prob.
 
 TensorFlow is hidden from GPUs/TPUs at import: it only feeds the host, and would otherwise grab
 accelerator memory that JAX preallocates.
@@ -39,7 +51,10 @@ accelerator memory that JAX preallocates.
 from __future__ import annotations
 
 import collections.abc
+import itertools
 import math
+import queue
+import threading
 
 import jax
 import numpy as np
@@ -51,9 +66,9 @@ for _kind in ("GPU", "TPU"):  # Before any TF op runs; harmless if TF already ch
     except (RuntimeError, ValueError):
         pass
 
+import orbax.checkpoint as ocp  # noqa: E402  (its multi-host barrier)
 import tensorflow_datasets as tfds  # noqa: E402
 import tensorflow_text as tf_text  # noqa: E402
-from jax.experimental import multihost_utils  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 from tensorflow_text.python.ops.bert_tokenizer import BasicTokenizer  # noqa: E402
 from tensorflow_text.tools.wordpiece_vocab import bert_vocab_from_dataset as bert_vocab  # noqa
@@ -75,12 +90,21 @@ def _is_cjk(char: str) -> bool:
         (0x2B740, 0x2B81F), (0x2B820, 0x2CEAF), (0xF900, 0xFAFF), (0x2F800, 0x2FA1F)))
 
 
+_BARRIERS = itertools.count()  # Barrier keys must be unique; every process counts alike.
+
+
 def _on_process_0(name: str, fn) -> None:
-    """Runs `fn` on process 0 only; every process leaves when it is done (multi-host barrier)."""
+    """Runs `fn` on process 0 only; every process leaves when it is done (multi-host barrier).
+
+    The barrier is the coordination service's (the `jax.distributed` client), not a device
+    collective: `fn` (building a dataset, learning a vocabulary) may take far longer than a
+    collective waits for its peers to show up (30 s for CPU's Gloo).
+    """
     if jax.process_index() == 0:
         fn()
     if jax.process_count() > 1:
-        multihost_utils.sync_global_devices(name)
+        barrier = ocp.multihost.get_barrier_sync_fn()
+        barrier(key=f"{name}_{next(_BARRIERS)}", timeout_ms=3 * 3600 * 1000)
 
 
 def learn_vocab(titles: collections.abc.Iterable[str], vocab_size: int) -> list[str]:
@@ -117,8 +141,7 @@ def get_vocab_path(config, workdir: str) -> str:
             return  # Resumed / evaluation run: the model's ids are tied to this file.
         ds = builder.as_dataset(
             split=config.dataset.train_split, shuffle_files=False,
-            decoders={"image": tfds.decode.SkipDecoding()},
-            read_config=tfds.ReadConfig(try_autocache=False))
+            decoders=_image_decoders(builder), read_config=tfds.ReadConfig(try_autocache=False))
         titles = [t.decode() for t in ds.map(lambda ex: ex["title"]).as_numpy_iterator()]
         vocab = learn_vocab(titles, config.vocab_size)
         tf.io.gfile.makedirs(workdir)
@@ -210,6 +233,35 @@ def mask_patches(num_patches: int, seed: tf.Tensor, prob: float):
     return tf.cast(selected, tf.float32), tf.cast(zero, tf.float32)
 
 
+def mask_regions(visual_mask: tf.Tensor, seed: tf.Tensor, prob: float):
+    """`mask_patches` over the R region slots, restricted to real regions (visual_mask [R] = 1)."""
+    selected, zero = mask_patches(visual_mask.shape[0], seed, prob)
+    real = tf.cast(visual_mask, tf.float32)
+    return selected * real, zero * real
+
+
+# --------------------------------------------------------------------------- regions
+def region_inputs(regions: dict[str, tf.Tensor], num_regions: int):
+    """Stored `regions` -> (feats float32 [R, D], locations float32 [R, 5], mask int32 [R]).
+
+    The first R = `num_regions` regions in file order, zero rows after the real ones. Locations
+    are ViLBERT's (x1/W, y1/H, x2/W, y2/H, (x2-x1)(y2-y1)/(W*H)), W x H = the image the boxes
+    refer to.
+    """
+    feats, boxes = regions["features"], regions["boxes"]
+    n = tf.minimum(tf.shape(feats)[0], num_regions)
+    w = tf.cast(regions["image_width"], tf.float32)
+    h = tf.cast(regions["image_height"], tf.float32)
+    x1, y1, x2, y2 = tf.unstack(boxes[:n], num=4, axis=-1)
+    locations = tf.stack([x1 / w, y1 / h, x2 / w, y2 / h, (x2 - x1) * (y2 - y1) / (w * h)], -1)
+    pad = [[0, num_regions - n], [0, 0]]
+    feats = tf.pad(tf.cast(feats[:n], tf.float32), pad)
+    feats = tf.ensure_shape(feats, [num_regions, regions["features"].shape[-1]])
+    locations = tf.ensure_shape(tf.pad(locations, pad), [num_regions, 5])
+    mask = tf.ensure_shape(tf.pad(tf.ones([n], tf.int32), pad[:1]), [num_regions])
+    return feats, locations, mask
+
+
 # --------------------------------------------------------------------------- images
 def decode_image(jpeg: tf.Tensor, size: int) -> tf.Tensor:
     """JPEG bytes -> float32 [size, size, 3] in 0..255, aspect kept, padded with black."""
@@ -245,6 +297,72 @@ def _builder(config, split: str | None = None) -> tfds.core.DatasetBuilder:
     return builder
 
 
+def _image_decoders(builder) -> dict | None:
+    """Leaves the JPEG bytes undecoded (decoded later, or never); None when there is no image."""
+    return {"image": tfds.decode.SkipDecoding()} if "image" in builder.info.features else None
+
+
+class _Visual:
+    """The visual half of an example for `config.model.visual.kind`, and its MRM masks.
+
+    `pixels` needs the dataset's images; `regions` its `regions` feature (a `*_regions` config)
+    with the model's feature width. Anything else is a one-sentence error.
+    """
+
+    def __init__(self, config, builder):
+        v, name, features = config.model.visual, config.dataset.name, builder.info.features
+        self.kind = v.kind
+        if self.kind == "pixels":
+            if "image" not in features:
+                raise ValueError(
+                    f"Dataset {name} has no images (it holds detector region features): set "
+                    "--config.model.visual.kind=regions, or use a dataset with images such as "
+                    "tfds_product1m/full or synthetic.")
+            self.size, patch = v.image_size, v.patch_size
+            if self.size % patch:
+                raise ValueError(f"image_size {self.size} is not a multiple of patch_size {patch}: "
+                                 "fix one.")
+            self.slots = (self.size // patch) ** 2
+        elif self.kind == "regions":
+            if "regions" not in features:
+                raise ValueError(
+                    f"Dataset {name} has no detector region features: use "
+                    "tfds_product1m/full_regions (README, 'Region features') or "
+                    "configs/capture.py:demo_regions, or set --config.model.visual.kind=pixels.")
+            dim = features["regions"]["features"].shape[-1]
+            if dim != v.feature_dim:
+                raise ValueError(f"Dataset {name} stores {dim}-d region features but "
+                                 f"model.visual.feature_dim is {v.feature_dim}: set "
+                                 f"--config.model.visual.feature_dim={dim}.")
+            self.slots = v.num_regions
+        else:
+            raise ValueError(f"Unknown model.visual.kind {self.kind!r}; use 'regions' or 'pixels'.")
+
+    def example(self, ex) -> dict[str, tf.Tensor]:
+        """One decoded example's visual inputs (images still 0..255; see `finish`)."""
+        if self.kind == "pixels":
+            return {"image": decode_image(ex["image"], self.size)}
+        feats, boxes, mask = region_inputs(ex["regions"], self.slots)
+        return {"visual_feats": feats, "visual_boxes": boxes, "visual_mask": mask}
+
+    def masks(self, visual: dict[str, tf.Tensor], seed: tf.Tensor, prob: float):
+        """(mrm_mask, mrm_zero) float32 [P or R] for one example."""
+        if self.kind == "pixels":
+            return mask_patches(self.slots, seed, prob)
+        return mask_regions(visual["visual_mask"], seed, prob)
+
+    def finish(self, batch: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+        """Per-batch work: image normalisation (one vectorised op)."""
+        if self.kind == "pixels":
+            return {**batch, "image": normalize_images(batch["image"])}
+        return batch
+
+
+def check_dataset(config) -> None:
+    """Raises one sentence if the dataset is missing or does not fit `config.model.visual`."""
+    _Visual(config, _builder(config))
+
+
 def _train_records(builder, split, seed: int, buffer: int, start: int) -> tf.data.Dataset:
     """(position, serialized example) from stream position `start` on, shuffled per epoch.
 
@@ -278,28 +396,31 @@ def _train_records(builder, split, seed: int, buffer: int, start: int) -> tf.dat
     return ds.enumerate(start=start)
 
 
-def create_train_iterator(config, workdir: str, *, start_step: int = 0):
+def create_train_iterator(config, workdir: str, *, start_step: int = 0,
+                          process_index: int | None = None, process_count: int | None = None):
     """Infinite iterator of per-host training batches (numpy dicts), starting at `start_step`.
 
     Each host reads its own even slice of the train split, shuffled from `config.seed` (a new
     order every epoch). Batch k of a run resumed at `start_step` equals batch start_step + k of
-    an uninterrupted run, masks included.
+    an uninterrupted run, masks included. `process_index` / `process_count` (default: this JAX
+    process and their number) pick the host whose batches to produce, so that one process can
+    reproduce what any host of a multi-host run reads (the multi-host test does).
     """
-    n_proc, pid = jax.process_count(), jax.process_index()
+    n_proc = jax.process_count() if process_count is None else process_count
+    pid = jax.process_index() if process_index is None else process_index
+    if not 0 <= pid < n_proc:
+        raise ValueError(f"process_index {pid} is not in [0, {n_proc}): pass a valid host.")
     if config.global_batch_size % n_proc:
         raise ValueError(f"global_batch_size {config.global_batch_size} is not divisible by the "
                          f"{n_proc} processes: choose a multiple of {n_proc}.")
     local_batch, global_batch = config.global_batch_size // n_proc, config.global_batch_size
     tokenizer = load_tokenizer(config, workdir)
-    size, patch = config.model.visual.image_size, config.model.visual.patch_size
-    if size % patch:
-        raise ValueError(f"image_size {size} is not a multiple of patch_size {patch}: fix one.")
-    num_patches = (size // patch) ** 2
     builder = _builder(config, config.dataset.train_split)
+    visual = _Visual(config, builder)
     split = tfds.even_splits(config.dataset.train_split, n=n_proc, drop_remainder=True)[pid]
     ds = _train_records(builder, split, config.seed, max(1, config.dataset.shuffle_buffer),
                         int(start_step) * local_batch)
-    features, decoders = builder.info.features, {"image": tfds.decode.SkipDecoding()}
+    features, decoders = builder.info.features, _image_decoders(builder)
     mlm_prob, mrm_prob, seed = config.masking.mlm_prob, config.masking.mrm_prob, config.seed
 
     def example(local_position, serialized):
@@ -309,15 +430,14 @@ def create_train_iterator(config, workdir: str, *, start_step: int = 0):
         k_text, k_patch = tf.unstack(tf.random.experimental.stateless_split(key, 2))
         ids, mask = tokenizer.encode(ex["title"][None])
         text_ids, mlm_labels = mask_tokens(ids[0], k_text, tokenizer, mlm_prob)
-        mrm_mask, mrm_zero = mask_patches(num_patches, k_patch, mrm_prob)
-        return {"text_ids": text_ids, "text_mask": mask[0], "mlm_labels": mlm_labels,
-                "image": decode_image(ex["image"], size), "mrm_mask": mrm_mask,
-                "mrm_zero": mrm_zero}
+        inputs = visual.example(ex)
+        mrm_mask, mrm_zero = visual.masks(inputs, k_patch, mrm_prob)
+        return {"text_ids": text_ids, "text_mask": mask[0], "mlm_labels": mlm_labels, **inputs,
+                "mrm_mask": mrm_mask, "mrm_zero": mrm_zero}
 
     ds = ds.map(example, num_parallel_calls=AUTOTUNE, deterministic=True)
     ds = ds.batch(local_batch, drop_remainder=True)
-    ds = ds.map(lambda b: {**b, "image": normalize_images(b["image"])},
-                num_parallel_calls=AUTOTUNE, deterministic=True)
+    ds = ds.map(visual.finish, num_parallel_calls=AUTOTUNE, deterministic=True)
     return ds.prefetch(AUTOTUNE).as_numpy_iterator()
 
 
@@ -332,6 +452,7 @@ class EvalDataset:
         self._config = config
         self._tokenizer = load_tokenizer(config, workdir)
         self._builder = _builder(config, split)
+        self._visual = _Visual(config, self._builder)
         n_proc, pid = jax.process_count(), jax.process_index()
         self._subsplit = tfds.even_splits(split, n=n_proc, drop_remainder=False)[pid]
         self.num_examples = self._builder.info.splits[split].num_examples  # All hosts together.
@@ -344,17 +465,16 @@ class EvalDataset:
         return self.num_batches
 
     def _dataset(self) -> tf.data.Dataset:
-        size, patch = self._config.model.visual.image_size, self._config.model.visual.patch_size
-        t, p, tok = self._config.model.text.length, (size // patch) ** 2, self._tokenizer
+        visual = self._visual
+        t, p, tok = self._config.model.text.length, visual.slots, self._tokenizer
         ds = self._builder.as_dataset(
-            split=self._subsplit, shuffle_files=False,
-            decoders={"image": tfds.decode.SkipDecoding()},
+            split=self._subsplit, shuffle_files=False, decoders=_image_decoders(self._builder),
             read_config=tfds.ReadConfig(try_autocache=False))
 
         def example(ex):
             ids, mask = tok.encode(ex["title"][None])
             return {"text_ids": ids[0], "text_mask": mask[0], "mlm_labels": -tf.ones([t], tf.int32),
-                    "image": decode_image(ex["image"], size), "mrm_mask": tf.zeros([p]),
+                    **visual.example(ex), "mrm_mask": tf.zeros([p]),
                     "mrm_zero": tf.zeros([p]), "valid": tf.constant(1, tf.int32),
                     "item_id": ex["id"], "labels": ex["labels"],
                     "num_labels": tf.size(ex["labels"], out_type=tf.int32)}
@@ -365,8 +485,7 @@ class EvalDataset:
         num_pad = self.num_batches * self.batch_size - self._local_examples
         ds = ds.concatenate(tf.data.Dataset.from_tensors(pad).repeat(num_pad))
         ds = ds.padded_batch(self.batch_size, drop_remainder=True)  # Pads `labels` with b"".
-        ds = ds.map(lambda b: {**b, "image": normalize_images(b["image"])},
-                    num_parallel_calls=AUTOTUNE, deterministic=True)
+        ds = ds.map(visual.finish, num_parallel_calls=AUTOTUNE, deterministic=True)
         return ds.prefetch(AUTOTUNE)
 
     def __iter__(self):
@@ -399,3 +518,73 @@ def make_global_batch(local_batch: dict[str, np.ndarray], sharding: jax.sharding
                              f"mesh axes {axes}: choose a batch that is a multiple of {shards}.")
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
             for k, v in local_batch.items()}
+
+
+class DevicePrefetch:
+    """Global batches made `size` steps ahead by a background thread (device prefetch).
+
+    Wraps an iterator of per-host numpy batches (`create_train_iterator`): a thread pulls from
+    it and turns each batch into global `jax.Array`s (`make_global_batch`, i.e. the host to
+    device copies) while the devices run the current step, so neither the hand-over from tf.data
+    nor the transfer waits on the step. Order is kept. An error in the thread (bad data, a batch
+    that does not divide the mesh) is raised by the `next()` that would have returned that
+    batch. `size` 0 makes each batch only when asked (no thread). `close()` (or garbage
+    collection) stops the thread.
+    """
+
+    _END = object()
+
+    def __init__(self, batches: collections.abc.Iterator, sharding: jax.sharding.Sharding,
+                 size: int = 2):
+        self._batches, self._sharding, self._thread = batches, sharding, None
+        if size <= 0:
+            return
+        ready: queue.Queue = queue.Queue(maxsize=size)
+        stop = threading.Event()
+
+        def put(item) -> bool:  # False once the consumer has gone.
+            while not stop.is_set():
+                try:
+                    ready.put(item, timeout=0.1)
+                    return True
+                except queue.Full:
+                    pass
+            return False
+
+        def produce():  # Holds no reference to `self`, so an abandoned prefetcher is collected.
+            try:
+                for local in batches:
+                    if not put(make_global_batch(local, sharding)):
+                        return
+                put(DevicePrefetch._END)
+            except Exception as e:  # Handed to the consumer and raised there.
+                put(e)
+
+        self._ready, self._stop = ready, stop
+        self._thread = threading.Thread(target=produce, name="device_prefetch", daemon=True)
+        self._thread.start()
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, jax.Array]:
+        if self._thread is None:
+            return make_global_batch(next(self._batches), self._sharding)
+        if self._stop.is_set():
+            raise StopIteration
+        item = self._ready.get()
+        if item is DevicePrefetch._END:
+            self.close()
+            raise StopIteration
+        if isinstance(item, Exception):
+            self.close()
+            raise item
+        return item
+
+    def close(self) -> None:
+        """Stops the thread (at most one batch transfer later); later `next()` calls end."""
+        if self._thread is not None:
+            self._stop.set()
+
+    def __del__(self):
+        self.close()

@@ -68,14 +68,16 @@ def compute_losses(
 ) -> tuple[Array, dict[str, Array]]:
     """Weighted sum of the enabled objectives, and each (unweighted) component by name.
 
-    `outputs` is `CaptureModel.__call__`'s dict; `batch` supplies `mlm_labels` and `mrm_mask`;
+    `outputs` is `CaptureModel.__call__`'s dict; `batch` supplies `mlm_labels` and `mrm_mask`
+    (the model's own `mlm_labels` when it computed MLM logits at selected positions only);
     `config.loss` holds the switches and weights (see `loss_config`).
     """
     cfg = config.loss
     components: dict[str, Array] = {}
     weights: dict[str, float] = {}
     if cfg.use_mlm:
-        components["mlm"] = mlm_loss(outputs["mlm_logits"], batch["mlm_labels"])
+        labels = outputs["mlm_labels"] if "mlm_labels" in outputs else batch["mlm_labels"]
+        components["mlm"] = mlm_loss(outputs["mlm_logits"], labels)
         weights["mlm"] = cfg.mlm_weight
     if cfg.use_mrm:
         if "mrm_mask" not in batch:

@@ -130,16 +130,6 @@ def _check_config(config: ml_collections.ConfigDict, mesh) -> None:
         )
 
 
-def _check_front_end(config: ml_collections.ConfigDict) -> None:
-    """After the data check, so a fresh machine first hears how to get Product1M."""
-    if config.model.visual.kind != "pixels":
-        raise ValueError(
-            "The 'regions' visual front end needs detector region features, which the input "
-            "pipeline does not provide yet: use configs/capture.py:paper_pixels or :demo, or set "
-            "--config.model.visual.kind=pixels."
-        )
-
-
 def _with_vocab_size(config: ml_collections.ConfigDict, vocab_size: int):
     """A copy of `config` whose embedding table fits the tokenizer's vocabulary.
 
@@ -249,7 +239,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     _check_config(config, mesh)
     config = _resolve_init(config)
     tokenizer = input_pipeline.load_tokenizer(config, workdir)  # Learns the vocab once if needed.
-    _check_front_end(config)
+    input_pipeline.check_dataset(config)  # Data present and fits the visual front end.
     config = _with_vocab_size(config, tokenizer.vocab_size)
     if is_main:
         with open(os.path.join(workdir, "config.json"), "w") as f:
@@ -280,13 +270,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     guard = _NonFiniteGuard()
     guard.last_checkpoint = manager.latest_step()
     stop_at = total if config.halt_after_step < 0 else min(total, config.halt_after_step)
-    train_iter = input_pipeline.create_train_iterator(config, workdir, start_step=start_step)
+    train_iter = input_pipeline.DevicePrefetch(  # Global batches made ahead by a thread.
+        input_pipeline.create_train_iterator(config, workdir, start_step=start_step),
+        batch_sharding, config.dataset.device_prefetch)
     logged_at, logged_time, history, window = start_step, time.perf_counter(), [], []
     scores: dict[int, dict] = {}
     step = start_step
 
     while step < stop_at:
-        batch = input_pipeline.make_global_batch(next(train_iter), batch_sharding)
+        batch = next(train_iter)
         with jax.profiler.StepTraceAnnotation("train", step_num=step):
             state.model, state.opt, metrics = train_step(state.model, state.opt, batch, step)
         step += 1
@@ -317,6 +309,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
             break
         if config.eval_every >= 0 and is_due(step, config.eval_every, total):
             scores[step] = _evaluate(config, workdir, state, mesh, rules, step, writer)
+    train_iter.close()
     manager.wait_until_finished()
     manager.close()
     if start_step == total and config.eval_every >= 0:  # Already trained: evaluate again.
@@ -343,7 +336,7 @@ def evaluate_only(config: ml_collections.ConfigDict, workdir: str) -> dict:
     _check_config(config, mesh)
     config = _resolve_init(config)
     config = _with_vocab_size(config, input_pipeline.load_tokenizer(config, workdir).vocab_size)
-    _check_front_end(config)
+    input_pipeline.check_dataset(config)
     manager = checkpointing.create_manager(workdir, max_to_keep=None)
     step = manager.latest_step()
     if step is None:

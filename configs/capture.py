@@ -1,16 +1,22 @@
-"""CAPTURE pretraining and evaluation configs: `get_config("paper" | "paper_pixels" | "demo" | "tiny")`.
+"""CAPTURE pretraining and evaluation configs: `get_config("paper" | "paper_pixels" | "demo" |
+"demo_regions" | "tiny")`.
 
   # The synthetic Product1M, built on first use; a few minutes on 2 CPU cores:
   python main.py --config configs/capture.py:demo --workdir /tmp/capture_demo
-  # The paper's sizes on the real Product1M (build it first, see README):
+  # The same on detector region features (synthetic stand-in TSVs), no download:
+  python main.py --config configs/capture.py:demo_regions --workdir /tmp/capture_demo_regions
+  # The paper's sizes on the real Product1M (build it first, see README), from region
+  # features (full_regions) or from pixels (full):
+  python main.py --config configs/capture.py:paper --workdir DIR
   python main.py --config configs/capture.py:paper_pixels --workdir DIR
   # Any field can be overridden:
   python main.py --config configs/capture.py:demo --workdir DIR \\
       --config.num_train_steps=300 --config.optim.learning_rate=3e-4 --config.mesh.model=2
 
-Variants (one table, `_VARIANTS`): `paper` is the reference (detector regions, Product1M, batch
-64, 10 epochs); `paper_pixels` the same model end to end from 224 px images; `demo` a small pixels
-model on the synthetic data; `tiny` the test size. Model sizes live in
+Variants (one table, `_VARIANTS`): `paper` is the reference (detector regions from
+`tfds_product1m/full_regions`, batch 64, 10 epochs); `paper_pixels` the same model end to end
+from 224 px images; `demo` a small pixels model on the synthetic data; `demo_regions` the same
+small model on the synthetic stand-in region features; `tiny` the test size. Model sizes live in
 `capture_jax/models/variants.py`.
 """
 
@@ -25,7 +31,7 @@ _PRODUCT1M_TRAIN_ROWS = 1_132_830
 # Per variant: the model variant and what differs from the defaults in `get_config`.
 _VARIANTS = {
     "paper": dict(
-        model="paper", dataset="tfds_product1m/full", global_batch_size=64,
+        model="paper", dataset="tfds_product1m/full_regions", global_batch_size=64,
         num_train_steps=10 * _PRODUCT1M_TRAIN_ROWS // 64),
     "paper_pixels": dict(
         model="paper_pixels", dataset="tfds_product1m/full", global_batch_size=64,
@@ -39,6 +45,10 @@ _VARIANTS = {
         global_batch_size=8, num_train_steps=6, log_every=2, checkpoint_every=3, eval_every=0,
         eval_batch_size=16, vocab_size=256, shuffle_buffer=64),
 }
+# `demo` on detector-style region features (the synthetic stand-in TSVs, 2048-d like the
+# reference), everything else as in `demo`, so the two retrieval scores compare the front ends.
+_VARIANTS["demo_regions"] = dict(_VARIANTS["demo"], visual_kind="regions",
+                                 dataset="tfds_product1m/synthetic_regions")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -60,6 +70,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.dataset.data_dir = ml_collections.FieldReference(None, field_type=str)  # None: TFDS default.
     config.dataset.train_split = "train"
     config.dataset.shuffle_buffer = v.get("shuffle_buffer", 16_384)  # Examples per shuffle buffer.
+    config.dataset.device_prefetch = 2  # Global batches put on the devices ahead of the step (0: off).
 
     # A bert-base-chinese-style vocab.txt; None learns a WordPiece vocabulary of about
     # `vocab_size` from the train titles once and keeps it as workdir/vocab.txt.

@@ -22,7 +22,8 @@ def make_config(data_dir, **overrides) -> ml_collections.ConfigDict:
         "dataset": {"name": "tfds_product1m/synthetic_tiny", "data_dir": str(data_dir),
                     "train_split": "train", "shuffle_buffer": 64},
         "vocab_path": None, "vocab_size": 4000, "seed": 0,
-        "model": {"text": {"length": T}, "visual": {"image_size": SIZE, "patch_size": PATCH}},
+        "model": {"text": {"length": T},
+                  "visual": {"kind": "pixels", "image_size": SIZE, "patch_size": PATCH}},
         "global_batch_size": BATCH, "eval_batch_size": 5,
         "masking": {"mlm_prob": 0.15, "mrm_prob": 0.15},
     })
@@ -305,3 +306,38 @@ def test_make_global_batch_on_fake_devices(train_batches):
     half = {k: v[:4] for k, v in train_batches[0].items()}
     with pytest.raises(ValueError, match="multiple of 8"):
         ip.make_global_batch(half, sharding)
+
+
+def test_device_prefetch_keeps_order_raises_errors_in_place_and_stops():
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Auto,))
+    sharding = NamedSharding(mesh, P("data"))
+    local = [{"x": np.full((8, 2), i, np.float32)} for i in range(5)]
+
+    def source(fail_at=None):
+        for i, batch in enumerate(local):
+            if i == fail_at:
+                raise RuntimeError(f"bad record {i}")
+            yield batch
+
+    for size in (0, 2):
+        batches = list(ip.DevicePrefetch(source(), sharding, size))
+        assert [int(b["x"][0, 0]) for b in batches] == [0, 1, 2, 3, 4]
+        assert all(b["x"].sharding == sharding for b in batches)
+    prefetch = ip.DevicePrefetch(source(fail_at=3), sharding, 2)
+    assert [int(next(prefetch)["x"][0, 0]) for _ in range(3)] == [0, 1, 2]
+    with pytest.raises(RuntimeError, match="bad record 3"):
+        next(prefetch)
+    with pytest.raises(ValueError, match="multiple of 8"):  # make_global_batch's own error
+        next(ip.DevicePrefetch(iter([{"x": np.zeros((4, 2))}]), sharding, 2))
+    endless = ip.DevicePrefetch(itertools.cycle(local), sharding, 2)
+    next(endless)
+    endless.close()
+    endless._thread.join(timeout=10)
+    assert not endless._thread.is_alive()
+    with pytest.raises(StopIteration):
+        next(endless)
+
+
+def test_train_iterator_rejects_a_host_outside_the_run(data_dir, workdir):
+    with pytest.raises(ValueError, match="process_index 2 is not in"):
+        ip.create_train_iterator(make_config(data_dir), workdir, process_index=2, process_count=2)

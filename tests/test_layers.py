@@ -208,3 +208,20 @@ def test_run_stack_remat_matches_plain():
     assert "remat" in str(jax.make_jaxpr(loss, static_argnums=1)(state, True, key))
     plain, remat = grad(state, False, key), grad(state, True, key)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), plain, remat)
+
+
+def test_cudnn_layout_keeps_attention_exact():
+    """What cuDNN is given (even lengths, [B, 1, T, S] bias) gives the same first T rows."""
+    rng = np.random.default_rng(5)
+    q, k, v = (rng.normal(size=s).astype(np.float32) for s in [(2, 5, 3, 4), (2, 7, 3, 4),
+                                                                  (2, 7, 3, 4)])
+    bias = np_bias(masks(rng, 2, 7), -10000.0)
+    q2, k2, v2, b2 = layers.cudnn_layout(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v),
+                                         jnp.asarray(bias))
+    assert q2.shape == (2, 6, 3, 4) and k2.shape == v2.shape == (2, 8, 3, 4)
+    assert b2.shape == (2, 1, 6, 8) and b2.dtype == q2.dtype
+    padded = jax.nn.dot_product_attention(q2, k2, v2, bias=b2, implementation="xla")[:, :5]
+    np.testing.assert_allclose(padded, np_attention(q, k, v, bias), atol=1e-5)
+    # An explicit 'xla' implementation is the default path.
+    xla = layers.dot_product_attention(q, k, v, jnp.asarray(bias), implementation="xla")
+    np.testing.assert_array_equal(xla, layers.dot_product_attention(q, k, v, jnp.asarray(bias)))

@@ -4,10 +4,12 @@ import pathlib
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
 
+from capture_jax import losses
 from capture_jax.models import capture, cost, variants
 from fake_batches import FAST_COMPILE, build, make_batch, tiny_config
 
@@ -197,3 +199,75 @@ def test_variants_table():
 def test_paper_forward_flops_match_spec():
     flops = cost.forward_flops(variants.model_config("paper"), batch_size=2)
     assert abs(flops / 13.9e9 - 1) < 0.05, flops
+
+
+def test_mlm_positions_take_the_first_selections_in_order():
+    labels = jnp.array([[-1, 7, -1, 9, 4], [-1, -1, -1, -1, -1], [3, -1, -1, -1, 8]])
+    positions, picked = capture.mlm_positions(labels, 2)
+    np.testing.assert_array_equal(positions[0], [1, 3])
+    np.testing.assert_array_equal(picked, [[7, 9], [-1, -1], [3, 8]])
+    assert capture.mlm_positions(labels, 9)[0].shape == (3, 5)  # At most T positions.
+
+
+def test_mlm_logits_at_selected_positions_only_give_the_full_loss_and_gradients():
+    """mlm_max_predictions = K: the same MLM loss and gradients as logits everywhere while no row
+    has more than K selections; past K, exactly the loss without a row's later selections."""
+    config = tiny_config("regions")
+    batch = make_batch(config, batch_size=4)
+    labels = np.full_like(batch["mlm_labels"], -1)
+    labels[0, [1, 3]] = [9, 11]  # 2, 1, 0 and 2 selections per row
+    labels[1, 2], labels[3, [1, 2]] = 20, [30, 40]
+    loss_config = ml_collections.ConfigDict(dict(loss=losses.loss_config()))
+
+    def mlm_and_grads(k):
+        """(labels -> (MLM loss, gradients)) of the tiny model (same weights for every K)."""
+        graphdef, state = nnx.split(build(tiny_config("regions", mlm_max_predictions=k)))
+
+        def mlm(state, labels):
+            inputs = dict(batch, mlm_labels=labels)
+            outputs = nnx.merge(graphdef, state)(inputs, train=False)
+            return losses.compute_losses(outputs, inputs, loss_config)[1]["mlm"]
+        grad_fn = jax.jit(jax.value_and_grad(mlm), compiler_options=FAST_COMPILE)
+        return lambda labels: grad_fn(state, labels)
+
+    everywhere, at_two = mlm_and_grads(0), mlm_and_grads(2)
+    (full, full_grads), (masked, masked_grads) = everywhere(labels), at_two(labels)
+    np.testing.assert_allclose(masked, full, rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
+                 full_grads, masked_grads)
+    more = labels.copy()
+    more[0, 4] = 13  # A third selection in row 0: past K = 2, not scored.
+    np.testing.assert_allclose(at_two(more)[0], everywhere(labels)[0], rtol=1e-5)
+    assert not np.isclose(everywhere(more)[0], full)
+
+
+def test_mlm_at_selected_positions_costs_fewer_flops():
+    config = tiny_config("pixels")
+    t, k = config.text.length, 2
+    saved = cost.forward_flops(config) - cost.forward_flops(tiny_config("pixels",
+                                                                        mlm_max_predictions=k))
+    # Per skipped position: head projection, MLM transform, tied decoder (2 FLOPs per MAC).
+    per_position = 2 * (config.out_dim * config.hidden_size + config.hidden_size**2
+                        + config.hidden_size * config.vocab_size)
+    assert 1.0 <= saved / ((t - k) * per_position) < 1.3, saved
+
+
+def test_paper_train_flops_account_for_mlm_positions(monkeypatch):
+    """The spec's 41.7 GFLOP less 3 x XLA's forward saving (lowering stubbed: arithmetic only)."""
+    monkeypatch.setattr(cost, "forward_flops",
+                        lambda c, batch_size=2: 14e9 - 1e6 * (36 - (c.mlm_max_predictions or 36)))
+    config = variants.model_config("paper")
+    assert cost.train_flops_per_example(config, "paper") == cost.PAPER_TRAIN_FLOPS_PER_EXAMPLE
+    config.mlm_max_predictions = 8
+    assert cost.train_flops_per_example(config, "paper") == 41.7e9 - 3 * 28e6
+    assert cost.train_flops_per_example(config, "tiny") == 3 * (14e9 - 28e6)
+
+
+def test_attention_implementation_is_checked():
+    assert capture.attention_implementation(tiny_config()) is None  # 'auto'
+    assert capture.attention_implementation(tiny_config(attention_impl="xla")) == "xla"
+    with pytest.raises(ValueError, match="use 'auto', 'xla' or 'cudnn'"):
+        capture.attention_implementation(tiny_config(attention_impl="flash"))
+    if jax.default_backend() != "gpu":
+        with pytest.raises(ValueError, match="needs an NVIDIA GPU"):
+            build(tiny_config(dtype="bfloat16", attention_impl="cudnn"))

@@ -219,18 +219,28 @@ def embed_split(config, workdir: str, graphdef, model_state, mesh, rules, split:
 
 # ------------------------------------------------------------------------------------- report
 def _read_items(config, split: str, wanted: set[str]) -> dict[str, tuple[str, str]]:
-    """{id: (title, thumbnail data URI)} for the `wanted` ids of `split`, read from TFDS."""
+    """{id: (title, thumbnail data URI)} for the `wanted` ids of `split`, read from TFDS.
+
+    The URI is "" (the report draws a placeholder) when the dataset stores no images (the
+    region-feature configs) or an image does not decode.
+    """
     import tensorflow_datasets as tfds
     from PIL import Image
 
-    ds = tfds.builder(config.dataset.name, data_dir=config.dataset.data_dir).as_dataset(
-        split=split, shuffle_files=False, decoders={"image": tfds.decode.SkipDecoding()},
+    builder = tfds.builder(config.dataset.name, data_dir=config.dataset.data_dir)
+    has_images = "image" in builder.info.features
+    ds = builder.as_dataset(
+        split=split, shuffle_files=False,
+        decoders={"image": tfds.decode.SkipDecoding()} if has_images else None,
         read_config=tfds.ReadConfig(try_autocache=False))
     items = {}
     for ex in tfds.as_numpy(ds):
         if ex["id"].decode() not in wanted:
             continue
         uri = ""
+        if not has_images:
+            items[ex["id"].decode()] = (ex["title"].decode(), uri)
+            continue
         try:
             image = Image.open(io.BytesIO(ex["image"])).convert("RGB")
             image.thumbnail((_THUMB, _THUMB))

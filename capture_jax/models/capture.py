@@ -256,6 +256,31 @@ def grid_boxes(rows: int, cols: int) -> Array:
     return jnp.stack([c / cols, r / rows, (c + 1) / cols, (r + 1) / rows, area], axis=-1)
 
 
+def attention_implementation(config: ml_collections.ConfigDict) -> str | None:
+    """`config.attention_impl` ('auto', 'xla' or 'cudnn') as `jax.nn.dot_product_attention`'s
+    `implementation`, after checking that this backend and dtype can run it."""
+    impl = config.attention_impl
+    if impl not in ("auto", "xla", "cudnn"):
+        raise ValueError(f"Unknown attention_impl {impl!r}; use 'auto', 'xla' or 'cudnn'.")
+    if impl == "cudnn" and jax.default_backend() != "gpu":
+        raise ValueError(f"attention_impl='cudnn' needs an NVIDIA GPU, and JAX runs on "
+                         f"{jax.default_backend()!r} here: use --config.model.attention_impl=auto.")
+    if impl == "cudnn" and jnp.dtype(config.dtype) not in (jnp.bfloat16, jnp.float16):
+        raise ValueError(f"attention_impl='cudnn' needs dtype bfloat16 (cuDNN's fused attention "
+                         f"has no {config.dtype}): set --config.model.dtype=bfloat16 or "
+                         "attention_impl=auto.")
+    return None if impl == "auto" else impl
+
+
+def mlm_positions(labels: Array, k: int) -> tuple[Array, Array]:
+    """The first `k` MLM-selected positions of each row (labels >= 0), in order, [B, k'], and
+    their labels, -1 in slots past a row's selections; k' = min(k, T). Static shapes."""
+    k = min(k, labels.shape[1])
+    unselected_first = (labels < 0).astype(jnp.int32)  # 0 = selected, sorted first (stable).
+    positions = jnp.argsort(unselected_first, axis=1, stable=True)[:, :k]
+    return positions, jnp.take_along_axis(labels, positions, axis=1)
+
+
 class CaptureModel(nnx.Module):
     """CAPTURE; `__call__` for pretraining outputs, `embed` for retrieval features."""
 
@@ -264,7 +289,7 @@ class CaptureModel(nnx.Module):
         if v.kind not in ("regions", "pixels"):
             raise ValueError(f"Unknown visual.kind {v.kind!r}; use 'regions' or 'pixels'.")
         common = Common(jnp.dtype(c.dtype), c.init_std, c.layer_norm_eps, c.dropout_rate,
-                        c.attention_dropout_rate)
+                        c.attention_dropout_rate, attention_implementation(c))
         self.config, self.kind = ml_collections.FrozenConfigDict(c), v.kind
         if v.kind == "pixels":
             self.target_dim = v.patch_size**2 * 3
@@ -366,6 +391,10 @@ class CaptureModel(nnx.Module):
         Returns `pooled_text`, `pooled_visual` [B, out_dim] (joint outputs at token 0),
         `clr_text`, `clr_visual` [B, out_dim] (pre-fusion contrastive features), `mlm_logits`
         [B, T, vocab], `mrm_pred` and `mrm_targets` [B, R, target_dim] (global token excluded).
+        With `config.mlm_max_predictions` = K > 0 the MLM head runs only at the first K selected
+        positions of each row (`batch["mlm_labels"]` >= 0): `mlm_logits` is [B, K, vocab] and
+        `mlm_labels` [B, K] holds their labels (-1 in unused slots); later selections in a row
+        are not scored.
         """
         needs_key = self.config.dropout_rate > 0 or self.config.attention_dropout_rate > 0
         if train and needs_key and dropout_key is None:
@@ -373,10 +402,18 @@ class CaptureModel(nnx.Module):
                              "jax.random.fold_in(root_key, step).")
         enc = self._encode(batch, dropout_key if train else None)
         s_text, s_visual = enc.pop("s_text"), enc.pop("s_visual")
-        mlm_logits = self.mlm_head(self.text_head_proj(s_text),
+        mlm_inputs, extra = s_text, {}
+        if self.config.mlm_max_predictions > 0:
+            if "mlm_labels" not in batch:
+                raise ValueError("model.mlm_max_predictions > 0 needs batch['mlm_labels'] to find "
+                                 "the selected positions; set it to 0 for logits everywhere.")
+            positions, extra["mlm_labels"] = mlm_positions(batch["mlm_labels"],
+                                                           self.config.mlm_max_predictions)
+            mlm_inputs = jnp.take_along_axis(s_text, positions[..., None], axis=1)
+        mlm_logits = self.mlm_head(self.text_head_proj(mlm_inputs),
                                    self.text_embeddings.word_embeddings)
         mrm_pred = self.mrm_head(self.visual_head_proj(s_visual[:, 1:]))
-        return dict(enc, pooled_text=s_text[:, 0], pooled_visual=s_visual[:, 0],
+        return dict(enc, **extra, pooled_text=s_text[:, 0], pooled_visual=s_visual[:, 0],
                     mlm_logits=mlm_logits, mrm_pred=mrm_pred)
 
     def embed(self, batch: Batch) -> dict[str, Array]:

@@ -40,6 +40,8 @@ class Common:
     layer_norm_eps: float = 1e-12
     dropout_rate: float = 0.1  # hidden dropout (embeddings, residual branches)
     attention_dropout_rate: float = 0.1  # dropout on attention probabilities
+    # `implementation` of jax.nn.dot_product_attention: None (JAX chooses), "xla" or "cudnn".
+    attention_impl: str | None = None
 
 
 def gelu(x: Array) -> Array:
@@ -76,6 +78,25 @@ def attention_bias(mask: Array, mask_value: float) -> Array:
     return ((1.0 - mask.astype(jnp.float32)) * mask_value)[:, None, None, :]
 
 
+def cudnn_layout(query: Array, key: Array, value: Array, bias: Array
+                 ) -> tuple[Array, Array, Array, Array]:
+    """Inputs as cuDNN's fused attention takes them; the first T rows of its output are exact.
+
+    cuDNN wants the bias as [B, 1, T, S] in the inputs' dtype and, when training with a bias,
+    even T and S: q gets zero rows and k/v zero columns up to even lengths, and the padded key
+    columns get a bias of -1e9 (probability 0), so the real rows' results are unchanged.
+    """
+    t, s = query.shape[1], key.shape[1]
+    pad_t, pad_s = t % 2, s % 2
+    if pad_t:
+        query = jnp.pad(query, ((0, 0), (0, pad_t), (0, 0), (0, 0)))
+    if pad_s:
+        key, value = (jnp.pad(x, ((0, 0), (0, pad_s), (0, 0), (0, 0))) for x in (key, value))
+        bias = jnp.pad(bias, ((0, 0), (0, 0), (0, 0), (0, pad_s)), constant_values=-1e9)
+    bias = jnp.broadcast_to(bias, (bias.shape[0], 1, t + pad_t, s + pad_s))
+    return query, key, value, bias.astype(query.dtype)
+
+
 def dot_product_attention(
     query: Array,
     key: Array,
@@ -84,15 +105,22 @@ def dot_product_attention(
     *,
     dropout_rate: float = 0.0,
     dropout_key: Key = None,
+    implementation: str | None = None,
 ) -> Array:
     """softmax(q k^T / sqrt(d) + bias) v per head; q [B, T, N, D], k and v [B, S, N, D].
 
-    Uses `jax.nn.dot_product_attention` (fused kernels on GPU/TPU) unless dropout on the
-    attention probabilities is active, which that API does not offer; then the same maths is
-    written out (logits and softmax in float32 in both paths).
+    Uses `jax.nn.dot_product_attention` with `implementation` (None: JAX's choice, "xla", or
+    "cudnn": cuDNN's fused kernel, GPU and bfloat16/float16 only, inputs laid out by
+    `cudnn_layout`) unless dropout on the attention probabilities is active, which that API does
+    not offer; then the same maths is written out (logits and softmax in float32 in both paths).
     """
+    if (dropout_key is None or dropout_rate == 0.0) and implementation == "cudnn":
+        q, k, v, b = cudnn_layout(query, key, value, bias)
+        out = jax.nn.dot_product_attention(q, k, v, bias=b, implementation="cudnn")
+        return out[:, :query.shape[1]]
     if dropout_key is None or dropout_rate == 0.0:
-        return jax.nn.dot_product_attention(query, key, value, bias=bias)
+        return jax.nn.dot_product_attention(query, key, value, bias=bias,
+                                            implementation=implementation)
     logits = jnp.einsum("btnd,bsnd->bnts", query, key, preferred_element_type=jnp.float32)
     logits = logits / math.sqrt(query.shape[-1]) + bias
     probs = dropout(jax.nn.softmax(logits, axis=-1), dropout_rate, dropout_key)
@@ -174,7 +202,8 @@ class SelfAttention(nnx.Module):
         attn_key, out_key = split_key(dropout_key, 2)
         q, k, v = (_heads(proj(x), self.num_heads) for proj in (self.query, self.key, self.value))
         ctx = dot_product_attention(
-            q, k, v, bias, dropout_rate=self.common.attention_dropout_rate, dropout_key=attn_key
+            q, k, v, bias, dropout_rate=self.common.attention_dropout_rate, dropout_key=attn_key,
+            implementation=self.common.attention_impl,
         )
         y = dropout(self.out(_merge_heads(ctx)), self.common.dropout_rate, out_key)
         return constrain(self.norm(x + y), ACTIVATION)
@@ -258,6 +287,7 @@ class CoAttentionLayer(nnx.Module):
             visual_bias,
             dropout_rate=attn_rate,
             dropout_key=keys[0],
+            implementation=self.common.attention_impl,
         )
         visual_ctx = dot_product_attention(
             heads(self.visual_query, visual),
@@ -266,6 +296,7 @@ class CoAttentionLayer(nnx.Module):
             text_bias,
             dropout_rate=attn_rate,
             dropout_key=keys[1],
+            implementation=self.common.attention_impl,
         )
         visual_y = dropout(self.visual_out(_merge_heads(visual_ctx)), rate, keys[2])
         text_y = dropout(self.text_out(_merge_heads(text_ctx)), rate, keys[3])
@@ -287,11 +318,13 @@ class FusedSelfAttention(nnx.Module):
         self.in_proj = dense(dim, 3 * dim, ("embed", "heads"), common, rngs)
         self.out_proj = dense(dim, dim, ("heads", "embed"), common, rngs)
         self.num_heads = num_heads
+        self.implementation = common.attention_impl
 
     def __call__(self, x: Array, bias: Array) -> Array:
         q, k, v = jnp.split(self.in_proj(x), 3, axis=-1)
         q, k, v = (_heads(t, self.num_heads) for t in (q, k, v))
-        return self.out_proj(_merge_heads(dot_product_attention(q, k, v, bias)))
+        ctx = dot_product_attention(q, k, v, bias, implementation=self.implementation)
+        return self.out_proj(_merge_heads(ctx))
 
 
 class JointBlock(nnx.Module):
