@@ -70,7 +70,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.dataset.data_dir = ml_collections.FieldReference(None, field_type=str)  # None: TFDS default.
     config.dataset.train_split = "train"
     config.dataset.shuffle_buffer = v.get("shuffle_buffer", 16_384)  # Examples per shuffle buffer.
-    config.dataset.device_prefetch = 2  # Global batches put on the devices ahead of the step (0: off).
+    config.dataset.device_prefetch = 2  # Global batches put on the devices ahead (0: none).
 
     # A bert-base-chinese-style vocab.txt; None learns a WordPiece vocabulary of about
     # `vocab_size` from the train titles once and keeps it as workdir/vocab.txt.

@@ -8,11 +8,17 @@ variables. Two launches, each of both processes:
   launch 2  resumes that checkpoint onto mesh fsdp=4 x model=2 (rules fsdp_tp: every parameter
             is split across the two processes, so both must write checkpoint shards), 2 more
             steps, checkpoint, then the retrieval evaluation (dev/test x joint/visual/text).
-The reference is this pytest process alone with 8 fake devices doing the same two phases on the
-same meshes (while launch 1 runs). It is fed the same global batches: a 2-process global batch is
-process 0's rows then process 1's, which `create_train_iterator(process_index=, process_count=)`
-reproduces here. Its evaluation batches hold 32 rows, like the two processes' 16 + 16, so the
-per-device shapes match too.
+Against one process with 8 fake devices:
+  losses    this pytest process trains the same two phases on the same meshes (while launch 1
+            runs), fed the same global batches: a 2-process global batch is process 0's rows then
+            process 1's, which `create_train_iterator(process_index=, process_count=)` reproduces.
+            Equal to float32 rounding: the cross-process all-reduces (Gloo) may add the
+            per-device partial sums in another order.
+  scores    one process (`main.py --mode=evaluate`, 8 devices) scores the two processes' final
+            checkpoint: every score and every ranked list is identical. (Two separately trained
+            runs differ by rounding, and some retrieval scores here are within 1e-7 of a tie.)
+            Its evaluation batches hold 32 rows, like the two processes' 16 + 16, so every
+            device computes the same shapes.
 
 Both processes compile every program: JAX's persistent compilation cache is written by process 0
 only and its CPU keys differ between processes, so with it process 0 would skip compiling and wait
@@ -21,7 +27,9 @@ for process 1 at the first collective, and CPU collectives (Gloo) give their pee
 
 import json
 import os
+import pathlib
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -35,16 +43,15 @@ from capture_jax import input_pipeline, train
 from configs import capture as capture_configs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-NUM_PROCESSES, DEVICES_PER_PROCESS = 2, 4
+NUM_PROCESSES, DEVICES = 2, 8
 COMMON = dict(num_train_steps=4, log_every=1, checkpoint_every=2, eval_every=0)
 PHASES = (  # (mesh, sharding rules, extra overrides) of launch 1 and launch 2.
     (dict(data=4, fsdp=1, model=2), "tp", dict(halt_after_step=2)),
     (dict(data=1, fsdp=4, model=2), "fsdp_tp", {}),
 )
-# Losses agree to float32 rounding: the cross-process all-reduces (Gloo) may add the per-device
-# partial sums in another order than one process does; nothing else differs.
-LOSS_RTOL = 1e-5
-LAUNCH_TIMEOUT_S = 300
+LOSS_RTOL = 1e-5  # float32 rounding of differently ordered sums (see the module docstring)
+TIMEOUT_S = 300
+SPLITS, KINDS = ("dev", "test"), ("joint", "visual", "text")
 
 
 @pytest.fixture(scope="module")
@@ -60,16 +67,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _process_env() -> dict[str, str]:
-    """This environment with 4 fake CPU devices per process instead of conftest's 8."""
+def _process_env(processes: int) -> dict[str, str]:
+    """This environment with the 8 fake CPU devices split over `processes` processes."""
     env = {k: v for k, v in os.environ.items()
            if k.lower() not in ("http_proxy", "https_proxy", "grpc_proxy", "all_proxy")}
     flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", env.get("XLA_FLAGS", ""))
-    env["XLA_FLAGS"] = (f"{flags} --xla_force_host_platform_device_count={DEVICES_PER_PROCESS}"
-                        " --xla_cpu_use_fusion_emitters=false")  # Halves compile times here.
-    env.update(JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1",
-               JAX_ENABLE_COMPILATION_CACHE="false")
-    env.pop("JAX_COMPILATION_CACHE_DIR", None)  # See the module docstring.
+    # XLA:CPU's older emitters compile these programs in half the time; every process whose
+    # numbers are compared exactly (the 2 processes, the 1 scoring them) uses the same flags.
+    env["XLA_FLAGS"] = (f"{flags} --xla_force_host_platform_device_count={DEVICES // processes}"
+                        " --xla_cpu_use_fusion_emitters=false")
+    env.update(JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1")
+    if processes > 1:  # See the module docstring.
+        env["JAX_ENABLE_COMPILATION_CACHE"] = "false"
+        env.pop("JAX_COMPILATION_CACHE_DIR", None)
     return env
 
 
@@ -81,26 +91,25 @@ def _overrides(data_dir: str, mesh: dict, rules: str, extra: dict) -> list[str]:
 
 
 class _Launch:
-    """The two processes of one launch, started at once; `wait()` returns their records.
+    """`processes` processes of `tests/multihost_worker.py`, started at once; `wait()` returns
+    their records. With 2, process 0 gets the coordinator, process count and id as flags and
+    process 1 as the environment variables main.py also reads (JAX_COORDINATOR_ADDRESS,
+    JAX_NUM_PROCESSES, JAX_PROCESS_ID)."""
 
-    Process 0 gets the coordinator, process count and id as flags, process 1 as the environment
-    variables main.py also reads (JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID).
-    """
-
-    def __init__(self, name: str, workdir: str, overrides: list[str], tmp_path):
+    def __init__(self, name: str, workdir: str, args: list[str], tmp_path, processes: int):
         self.name, self.tmp_path, self.procs, self.logs = name, tmp_path, [], []
         address = f"127.0.0.1:{_free_port()}"
-        for pid in range(NUM_PROCESSES):
+        for pid in range(processes):
             self.logs.append(tmp_path / f"{name}.process{pid}.log")
             cmd = [sys.executable, os.path.join(REPO, "tests", "multihost_worker.py"),
                    str(tmp_path / f"{name}.process{pid}.json"),
-                   "--config", "configs/capture.py:tiny", "--workdir", workdir, *overrides]
-            env = _process_env()
-            if pid == 0:
-                cmd += [f"--coordinator_address={address}", f"--num_processes={NUM_PROCESSES}",
+                   "--config", "configs/capture.py:tiny", "--workdir", workdir, *args]
+            env = _process_env(processes)
+            if processes > 1 and pid == 0:
+                cmd += [f"--coordinator_address={address}", f"--num_processes={processes}",
                         f"--process_id={pid}"]
-            else:
-                env.update(JAX_COORDINATOR_ADDRESS=address, JAX_NUM_PROCESSES=str(NUM_PROCESSES),
+            elif processes > 1:
+                env.update(JAX_COORDINATOR_ADDRESS=address, JAX_NUM_PROCESSES=str(processes),
                            JAX_PROCESS_ID=str(pid))
             with open(self.logs[-1], "w") as log:
                 self.procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log,
@@ -115,10 +124,10 @@ class _Launch:
         failed = None
         for pid, proc in enumerate(self.procs):
             try:
-                if proc.wait(timeout=LAUNCH_TIMEOUT_S) != 0 and failed is None:
+                if proc.wait(timeout=TIMEOUT_S) != 0 and failed is None:
                     failed = f"process {pid} exited with {proc.returncode}"
             except subprocess.TimeoutExpired:
-                failed = f"process {pid} still ran after {LAUNCH_TIMEOUT_S} s"
+                failed = f"process {pid} still ran after {TIMEOUT_S} s"
                 self.kill()
                 break
         if failed:
@@ -126,11 +135,11 @@ class _Launch:
                 keepends=True)[-40:]) for log in self.logs)
             pytest.fail(f"{self.name}: {failed}.\n{tails}")
         return [json.loads((self.tmp_path / f"{self.name}.process{pid}.json").read_text())
-                for pid in range(NUM_PROCESSES)]
+                for pid in range(len(self.procs))]
 
 
-def _reference(data_dir: str, workdir: str, monkeypatch) -> tuple[list[dict], dict]:
-    """The same two phases in this process (8 devices), fed the two processes' global batches."""
+def _train_in_this_process(data_dir: str, workdir: str, monkeypatch) -> list[dict]:
+    """The two phases with 8 devices, fed the two processes' global batches: the loss history."""
     one_host = input_pipeline.create_train_iterator
 
     def two_hosts(config, workdir, *, start_step=0):
@@ -140,15 +149,13 @@ def _reference(data_dir: str, workdir: str, monkeypatch) -> tuple[list[dict], di
             yield {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
     monkeypatch.setattr(input_pipeline, "create_train_iterator", two_hosts)
-    history, result = [], {}
+    history = []
     for mesh, rules, extra in PHASES:
         config = capture_configs.get_config("tiny")
-        config.update(dict(COMMON, **extra, sharding_rules=rules, mesh=mesh,
-                           eval_batch_size=NUM_PROCESSES * config.eval_batch_size))
+        config.update(dict(COMMON, **extra, sharding_rules=rules, mesh=mesh, eval_every=-1))
         config.dataset.data_dir = data_dir
-        result = train.train_and_evaluate(config, workdir)
-        history += result["history"]
-    return history, result["scores"]
+        history += train.train_and_evaluate(config, workdir)["history"]
+    return history
 
 
 def _losses(history: list[dict]) -> dict[int, list[float]]:
@@ -156,32 +163,52 @@ def _losses(history: list[dict]) -> dict[int, list[float]]:
             for h in history}
 
 
+def _retrieval_files(workdir: str) -> dict[str, str]:
+    return {f"{split}/{kind}/{name}": (pathlib.Path(workdir, "retrieval", split, kind, name)
+                                       .read_text())
+            for split in SPLITS for kind in KINDS
+            for name in ("retrieval_id_list.txt", "metric_results.json")}
+
+
 def test_two_processes_train_resume_and_evaluate_like_one(data_dir, tmp_path, monkeypatch):
     workdir = str(tmp_path / "two_processes")
-    first = _Launch("launch1", workdir, _overrides(data_dir, *PHASES[0]), tmp_path)
-    try:  # The reference runs meanwhile: the launch's processes often wait on each other.
-        ref_history, ref_scores = _reference(data_dir, str(tmp_path / "one_process"), monkeypatch)
+    first = _Launch("launch1", workdir, _overrides(data_dir, *PHASES[0]), tmp_path, NUM_PROCESSES)
+    try:  # Meanwhile (the launch's processes often wait on each other).
+        one_history = _train_in_this_process(data_dir, str(tmp_path / "one_process"), monkeypatch)
     except BaseException:
         first.kill()
         raise
-    launches = [first.wait()]
-    launches.append(_Launch("launch2", workdir, _overrides(data_dir, *PHASES[1]), tmp_path).wait())
+    launches = [first.wait(), _Launch("launch2", workdir, _overrides(data_dir, *PHASES[1]),
+                                      tmp_path, NUM_PROCESSES).wait()]
     for records in launches:
         assert [r["process"] for r in records] == [[0, 2], [1, 2]]
         # Both processes compute the same replicated metrics and scores.
         assert _losses(records[0]["result"]["history"]) == _losses(records[1]["result"]["history"])
         assert records[0]["result"]["scores"] == records[1]["result"]["scores"]
     assert launches[0][0]["result"]["step"] == 2 and launches[1][0]["result"]["step"] == 4
-    multi_history = launches[0][0]["result"]["history"] + launches[1][0]["result"]["history"]
-    multi_scores = launches[1][0]["result"]["scores"]
 
-    multi, ref = _losses(multi_history), _losses(ref_history)
-    assert sorted(multi) == sorted(ref) == [1, 2, 3, 4]
-    np.testing.assert_allclose([multi[s] for s in range(1, 5)], [ref[s] for s in range(1, 5)],
+    # The losses of steps 1-4 equal one process's.
+    two = _losses(launches[0][0]["result"]["history"] + launches[1][0]["result"]["history"])
+    one = _losses(one_history)
+    assert sorted(two) == sorted(one) == [1, 2, 3, 4]
+    np.testing.assert_allclose([two[s] for s in range(1, 5)], [one[s] for s in range(1, 5)],
                                rtol=LOSS_RTOL)
-    assert list(multi_scores) == ["4"] and list(ref_scores) == [4]
-    assert multi_scores["4"] == json.loads(json.dumps(ref_scores[4]))  # Every score, exactly.
-    assert len(multi_scores["4"]) == 6  # dev/test x joint/visual/text
+
+    # One process scoring the two processes' checkpoint (on a copy of their workdir) gets the
+    # same scores and writes the same retrieval files, exactly.
+    copy = str(tmp_path / "scored_by_one_process")
+    shutil.copytree(workdir, copy, ignore=shutil.ignore_patterns("retrieval", "events.*"))
+    mesh, rules, _ = PHASES[1]
+    eval_batch = NUM_PROCESSES * capture_configs.get_config("tiny").eval_batch_size
+    args = [*_overrides(data_dir, mesh, rules, {}), "--mode=evaluate",
+            f"--config.eval_batch_size={eval_batch}"]
+    evaluated = _Launch("evaluate", copy, args, tmp_path, processes=1).wait()[0]
+    assert evaluated["process"] == [0, 1]
+    two_scores = launches[1][0]["result"]["scores"]
+    assert list(two_scores) == ["4"] and sorted(two_scores["4"]) == sorted(
+        f"{s}/{k}" for s in SPLITS for k in KINDS)
+    assert two_scores["4"] == evaluated["result"]
+    assert _retrieval_files(workdir) == _retrieval_files(copy)
 
     # Each process read its own slice of the training data.
     for records in launches:
@@ -193,36 +220,30 @@ def test_two_processes_train_resume_and_evaluate_like_one(data_dir, tmp_path, mo
     # wrote nothing under the workdir outside checkpoints/ (checked from its audit events, plus
     # the TensorBoard files, whose names carry the writing process's pid).
     for records in launches:
-        for record in records[1:]:
-            stray = [p for p in record["written"] if p.startswith(workdir + os.sep)
-                     and not p.startswith(os.path.join(workdir, "checkpoints") + os.sep)]
-            assert not stray, stray
+        stray = [p for p in records[1]["written"] if p.startswith(workdir + os.sep)
+                 and not p.startswith(os.path.join(workdir, "checkpoints") + os.sep)]
+        assert not stray, stray
     event_pids = {int(name.split(".")[-3]) for name in os.listdir(workdir)
                   if name.startswith("events.out.tfevents")}  # ...<time>.<host>.<pid>.<n>.v2
     assert event_pids == {records[0]["pid"] for records in launches}
-    written0 = set(launches[1][0]["written"])
-    for split in ("dev", "test"):
-        for kind in ("joint", "visual", "text"):
-            for name in ("retrieval_id_list.txt", "metric_results.json", "report.html"):
-                assert os.path.join(workdir, "retrieval", split, kind, name) in written0
-    assert os.path.join(workdir, "config.json") in set(launches[0][0]["written"])
+    written = set(launches[0][0]["written"]) | set(launches[1][0]["written"])
+    assert os.path.join(workdir, "config.json") in written  # (vocab.txt: through tf.io.gfile)
+    assert {os.path.join(workdir, "retrieval", s, k, name) for s in SPLITS for k in KINDS
+            for name in ("retrieval_id_list.txt", "metric_results.json", "report.html")} <= written
 
     # Checkpoints are written collectively: at step 4 the parameters are split across the
     # processes, and each wrote its own shards.
     for item in ("model", "opt"):
         files = os.listdir(os.path.join(workdir, "checkpoints", "4", item))
         assert {"ocdbt.process_0", "ocdbt.process_1"} <= set(files), files
-    with open(os.path.join(workdir, "vocab.txt")) as a, \
-            open(tmp_path / "one_process" / "vocab.txt") as b:
-        assert a.read() == b.read()
 
 
 def test_incomplete_process_flags_are_one_sentence(tmp_path):
     """--num_processes without a coordinator, where no cluster is detected: what to give."""
     cmd = [sys.executable, "main.py", "--config", "configs/capture.py:tiny",
            "--workdir", str(tmp_path / "w"), "--num_processes=2", "--process_id=1"]
-    result = subprocess.run(cmd, cwd=REPO, env=_process_env(), capture_output=True, text=True,
-                            timeout=LAUNCH_TIMEOUT_S)
+    result = subprocess.run(cmd, cwd=REPO, env=_process_env(1), capture_output=True, text=True,
+                            timeout=TIMEOUT_S)
     assert result.returncode != 0
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: cannot start as one of several processes"), result.stderr[-2000:]

@@ -65,6 +65,7 @@ from collections.abc import Mapping
 import jax
 import jax.numpy as jnp
 import ml_collections
+from absl import logging
 from flax import nnx
 
 from capture_jax.models import layers
@@ -269,6 +270,13 @@ def attention_implementation(config: ml_collections.ConfigDict) -> str | None:
         raise ValueError(f"attention_impl='cudnn' needs dtype bfloat16 (cuDNN's fused attention "
                          f"has no {config.dtype}): set --config.model.dtype=bfloat16 or "
                          "attention_impl=auto.")
+    if impl == "cudnn" and config.attention_dropout_rate > 0:
+        logging.log_first_n(
+            logging.WARNING, "attention_impl='cudnn' is used where attention probabilities have "
+            "no dropout (the joint encoder; everything in evaluation); with attention_dropout_rate "
+            "%s the streams and co-attention train with attention written out. Set "
+            "--config.model.attention_dropout_rate=0 for cuDNN there too.", 1,
+            config.attention_dropout_rate)
     return None if impl == "auto" else impl
 
 
