@@ -27,6 +27,11 @@ def loss_config() -> ml_collections.ConfigDict:
         mrm_weight=1.0,
         clr_weight=1.0,
         clr_temperature=0.07,  # fixed (not learned), as in the reference
+        # Steps at the start in which CLR alone is optimised (MLM/MRM computed and logged, weight
+        # 0). Trained from scratch, CLR sits on a plateau at ln(2B - 1) (the pooled features are
+        # nearly equal) and the reconstruction losses' gradients keep it there; on its own it
+        # leaves it within a few hundred steps. 0 (the reference): every objective from step 0.
+        clr_warmup_steps=0,
     ))
 
 
@@ -64,13 +69,15 @@ def clr_loss(text: Array, visual: Array, temperature: float) -> Array:
 
 
 def compute_losses(
-    outputs: Mapping[str, Array], batch: Mapping[str, Array], config: ml_collections.ConfigDict
+    outputs: Mapping[str, Array], batch: Mapping[str, Array], config: ml_collections.ConfigDict,
+    step: Array | int = 0,
 ) -> tuple[Array, dict[str, Array]]:
     """Weighted sum of the enabled objectives, and each (unweighted) component by name.
 
     `outputs` is `CaptureModel.__call__`'s dict; `batch` supplies `mlm_labels` and `mrm_mask`
     (the model's own `mlm_labels` when it computed MLM logits at selected positions only);
-    `config.loss` holds the switches and weights (see `loss_config`).
+    `config.loss` holds the switches and weights (see `loss_config`); `step` (the optimiser step)
+    matters only with `clr_warmup_steps`.
     """
     cfg = config.loss
     components: dict[str, Array] = {}
@@ -90,5 +97,8 @@ def compute_losses(
         weights["clr"] = cfg.clr_weight
     if not components:
         raise ValueError("Every objective is off; enable one of config.loss.use_{mlm,mrm,clr}.")
+    if cfg.use_clr and cfg.clr_warmup_steps > 0:
+        after = (jnp.asarray(step) >= cfg.clr_warmup_steps).astype(jnp.float32)
+        weights = {k: w if k == "clr" else w * after for k, w in weights.items()}
     total = sum(weights[k] * v for k, v in components.items())
     return total, components

@@ -100,7 +100,7 @@ def make_train_step(config, state: TrainState, batch_sharding: NamedSharding, me
 
         def loss_fn(model):
             outputs = model(batch, train=True, dropout_key=dropout_key)
-            return losses.compute_losses(outputs, batch, config)
+            return losses.compute_losses(outputs, batch, config, step // accum)
 
         (loss, parts), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
         opt.update(model, grads)

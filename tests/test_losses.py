@@ -99,3 +99,17 @@ def test_compute_losses_weights_and_switches():
     config.loss.update(use_mlm=False, use_mrm=False)
     with pytest.raises(ValueError, match="Every objective is off"):
         losses.compute_losses(outputs, batch, config)
+
+
+def test_clr_warmup_optimises_clr_alone_until_its_step():
+    outputs, batch = fake_outputs_and_batch()
+    config = ml_collections.ConfigDict(dict(loss=losses.loss_config()))
+    config.loss.update(clr_warmup_steps=3, mlm_weight=0.5)
+    for step, expect_all in [(0, False), (2, False), (3, True), (10, True)]:
+        total, parts = jax.jit(lambda s: losses.compute_losses(outputs, batch, config, s))(step)
+        assert set(parts) == {"mlm", "mrm", "clr"}  # Still computed and logged.
+        want = parts["clr"] + (0.5 * parts["mlm"] + parts["mrm"] if expect_all else 0.0)
+        np.testing.assert_allclose(total, want, rtol=1e-6)
+    config.loss.use_clr = False  # Without CLR there is nothing to warm up: weights as given.
+    total, parts = losses.compute_losses(outputs, batch, config, 0)
+    np.testing.assert_allclose(total, 0.5 * parts["mlm"] + parts["mrm"], rtol=1e-6)
