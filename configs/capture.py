@@ -88,9 +88,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.loss = losses.loss_config()  # Which objectives, their weights, CLR temperature.
     config.loss.clr_warmup_steps = v.get("clr_warmup_steps", 0)  # Steps optimising CLR alone.
     config.optim = optim.default_optim_config()  # AdamW, schedule, clipping, accumulation.
-    for field in ("learning_rate", "warmup_fraction"):
-        if field in v:
-            config.optim[field] = v[field]
+    if "learning_rate" in v:
+        config.optim.learning_rate = v["learning_rate"]
 
     config.global_batch_size = v["global_batch_size"]  # Across all devices and hosts.
     config.eval_batch_size = v.get("eval_batch_size", 256)  # Per host, for embedding.
