@@ -89,8 +89,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.masking.mrm_prob = 0.15  # Share of regions/patches selected for MRM (90% zeroed).
 
     config.loss = losses.loss_config()  # Which objectives, their weights, CLR temperature.
-    config.loss.clr_warmup_steps = v.get("clr_warmup_steps", 0)  # Steps optimising CLR alone.
-    for name in ("mlm_weight", "mrm_weight"):
+    for name in ("clr_warmup_steps", "mlm_weight", "mrm_weight"):  # The variant's, if it sets them.
         config.loss[name] = v.get(name, config.loss[name])
     config.optim = optim.default_optim_config()  # AdamW, schedule, clipping, accumulation.
     if "learning_rate" in v:
