@@ -106,12 +106,10 @@ def main() -> None:
     ns = {}
     for name, fn in pieces.items():
         seconds = median_seconds(fn, args.repeats)
-        per = nq if name == "xla_gather_rescore" else elements
-        ns[name] = seconds / per * 1e9
-        line = dict(benchmark="ranker_primitive", piece=name, seconds=round(seconds, 4),
-                    ns_per_query=round(ns[name], 1)) if per == nq else dict(
-            benchmark="ranker_primitive", piece=name, seconds=round(seconds, 4),
-            ns_per_element=round(ns[name], 3))
+        per_query = name == "xla_gather_rescore"
+        ns[name] = seconds / (nq if per_query else elements) * 1e9
+        line = {"benchmark": "ranker_primitive", "piece": name, "seconds": round(seconds, 4),
+                "ns_per_query" if per_query else "ns_per_element": round(ns[name], 3)}
         if name.startswith(("numpy_matmul", "xla_dot")):
             line["gflop_per_s"] = round(2 * elements * d / seconds / 1e9, 1)
         print(json.dumps(line), flush=True)
