@@ -52,7 +52,8 @@ _VARIANTS = {
 }
 # `demo` on detector-style region features (the synthetic stand-in TSVs, 2048-d like the
 # reference), everything else as in `demo` but the reference's objective weights (MRM on
-# features is what the reference trains): the two retrieval scores compare the front ends.
+# features is what the reference trains): the two retrieval scores compare the front ends, each
+# under the objective weights that suit it.
 _VARIANTS["demo_regions"] = dict(_VARIANTS["demo"], visual_kind="regions", mlm_weight=1.0,
                                  mrm_weight=1.0, dataset="tfds_product1m/synthetic_regions")
 
