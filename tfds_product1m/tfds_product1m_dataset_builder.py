@@ -12,7 +12,8 @@ ones) with `tfds_product1m.synthetic`, then build it through exactly the same pa
 every test exercises the real path.
 
 Every split's audit (rows read, written, skipped by reason, repaired) is logged at the end of the
-build and stored in the dataset's `metadata.json` under `build_stats`.
+build and stored in the dataset's `metadata.json` under `build_stats`; the labels of every row of
+the labelled text files, read by the official scoring rules, under `ground_truth`.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import functools
 import hashlib
 import json
 import multiprocessing
+import multiprocessing.pool
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -57,7 +59,7 @@ class Product1MConfig(tfds.core.BuilderConfig):
       max_image_side: images are down-scaled (never up-scaled) so the longer side is at most this.
       synthetic: if set, the raw directory is generated with this spec instead of read from
         `--manual_dir`.
-      max_workers: image decoding runs in up to this many processes (capped at the CPU count)
+      max_workers: image decoding runs in up to this many threads (capped at the CPU count)
         when not building with Beam. The output does not depend on it.
       region_features: join every row with its detector regions from the `*.tsv` files under
         the data directory (`region_features.py`); rows without a decodable line are skipped.
@@ -85,8 +87,12 @@ _MIN_ROWS_FOR_POOL = 256
 class Builder(tfds.core.GeneratorBasedBuilder):
     """Product1M image-title pairs; gallery/dev/test rows carry instance labels."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "Initial release: real and synthetic configs, audited cleaning."}
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {
+        "1.0.0": "Initial release: real and synthetic configs, audited cleaning.",
+        "1.1.0": "metadata.json keeps the official ground truth of gallery/dev/test (every row of "
+                 "the text files, also those skipped for a missing image), for exact scores.",
+    }
     MANUAL_DOWNLOAD_INSTRUCTIONS = _MANUAL_INSTRUCTIONS
     BUILDER_CONFIGS = [
         Product1MConfig(name="full", description="The real Product1M from --manual_dir."),
@@ -211,6 +217,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         metadata["splits_missing"] = missing
         metadata["image_index"] = {"files": len(image_index), "duplicate_names": duplicate_names}
         metadata.setdefault("build_stats", {})
+        metadata["ground_truth"] = _official_ground_truth(split_paths)
         return {
             split: self._generate_examples(split, path, image_index, region_index)
             for split, path in split_paths.items()
@@ -263,8 +270,11 @@ class Builder(tfds.core.GeneratorBasedBuilder):
     def _generate_local(self, split, pairs, stats: files.SplitStats, load: "_Loader"):
         workers = min(multiprocessing.cpu_count(), self.builder_config.max_workers)
         if workers > 1 and len(pairs) >= _MIN_ROWS_FOR_POOL:
-            # Image decoding dominates; workers need only PIL, so forking after TF loaded is safe.
-            pool = multiprocessing.get_context("fork").Pool(workers)
+            # Image decoding dominates, and Pillow releases the GIL while it decodes, resizes
+            # and encodes, so threads scale. Not processes: a fork taken after TF and JAX
+            # started their threads can inherit a held lock and hang (it hung the demo's build),
+            # and spawn/forkserver workers re-run the caller's main module.
+            pool = multiprocessing.pool.ThreadPool(workers)
             results = pool.imap(load, pairs, chunksize=32)
         else:
             pool, results = None, map(load, pairs)
@@ -286,7 +296,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
 
 @dataclasses.dataclass(frozen=True)
 class _Loader:
-    """(row, image path, region location) -> (example or None, reasons); picklable for workers."""
+    """(row, image path, region location) -> (example or None, reasons); picklable for Beam workers."""
 
     max_side: int
     with_image: bool
@@ -308,6 +318,21 @@ def _beam_load(split: str, load: _Loader, pair):
         beam.metrics.Metrics.counter("product1m", f"{split}/{reason}").inc()
     if example is not None:
         yield example.key, example.features
+
+
+def _official_ground_truth(split_paths: dict[str, str]) -> dict:
+    """{split: {"labels": {id: [labels]}, ...}} of the labelled splits, read by the official
+    scoring rules (`files.read_official_labels`). Retrieval is scored against this, so rows the
+    build skipped (no image) still count as positives nobody can retrieve, as in the official
+    script, and in-run scores equal `python -m capture_jax.metrics` on the same files."""
+    out = {}
+    for split, path in split_paths.items():
+        if files.is_labelled(split):
+            table = files.read_official_labels(path)
+            out[split] = {"labels": {k: list(v) for k, v in table.labels.items()},
+                          "unusable_lines": table.unusable_lines,
+                          "repeated_ids": table.repeated_ids, "padded": table.padded}
+    return out
 
 
 def _write_synthetic_raw(download_dir, config: Product1MConfig) -> epath.Path:
