@@ -1,23 +1,23 @@
-"""The official Product1M scores (Prec@N, mAP@N, mAR@N) and a fast command for submission files.
+"""The official Product1M scores (Prec@N, mAP@N, mAR@N) and the command that scores a file.
 
-The specification is "The official scores" in PRODUCT1M.md; its quirks are kept on purpose so that
-numbers match published ones to the last digit. Scores are percentages (0..100), like the
-`metric_results.json` the authors' script writes and the tables papers print. Readings of the rules
-the prose leaves open:
+The rules are those of the authors' `evaluate_suit.py` (zhanxlin/Product1M, CAPTURE/), read from
+its code; "The official scores" in docs/retrieval.md describes them. Results are fractions
+(0..1), as the script writes them into `metric_results.json`; logs, TensorBoard and the reports
+show percent. The arithmetic follows the script's order (left-to-right sums, AR's labels in the
+order they are first retrieved), so a `metric_results.json` from here equals the script's to the
+last digit. Where the script raises inside a query and goes on, this module gives the same
+zeros:
 
-* k == 0 (empty ranked list, or P == 0): Prec = AP = 0 (the authors' script divides by zero there
-  and adds 0).
-* AR: the script fails (divides by zero) when a label of L found among the first N retrieved items
-  has e_l == 0. A retrieved item's label always has a gallery item, so e_l == 0 there means
-  floor(N / |L|) == 0, i.e. |L| > N. Then every e_l is 0 and AR is 0 either way.
-* Ids in R that are not gallery ids are misses, for AR too, and still count in |R|; so do empty
-  ids, e.g. from a trailing comma. (The authors' AR code would fail on them and add 0; a real
-  ranking of the gallery never has them, so they are warned about.) Ids are whitespace-stripped.
-* Each line of the retrieval file counts once, even if its query id is repeated.
+* a line whose query id is unknown, or whose query has a label with no gallery item, or that has
+  no gallery ids at all: 0 for every score, and it counts in the means;
+* AR is 0 for a query when an id among its first N is not a gallery id (the script looks its
+  label up and fails), or when a retrieved label's expected count is 0 (|L| > N); its AP and
+  Prec still count;
+* every line of the retrieval file counts, blank ones and repeated query ids included. Lines
+  are stripped as a whole and split on commas; the ids are not stripped one by one.
 
-Usage: python -m capture_jax.metrics --gt_dir DIR --retrieval_file FILE --output_dir OUT
+Usage: python -m capture_jax.metrics --gt_dir DIR --retrieval_file FILE --output_dir OUT [--strict]
 """
-
 from __future__ import annotations
 
 import argparse
@@ -64,12 +64,14 @@ def per_query_scores(
     lengths = np.fromiter(map(len, ranked), np.int64, num_q)
     flat = np.fromiter(map(gallery_index.get, itertools.chain.from_iterable(r[:m] for r in ranked),
                            itertools.repeat(-1)), np.int64)
+    inside = np.arange(m) < np.minimum(lengths, m)[:, None]
     retrieved = np.full((num_q, m), -1, np.int64)
-    retrieved[np.arange(m) < np.minimum(lengths, m)[:, None]] = flat
-    stray = (retrieved < 0) & (np.arange(m) < lengths[:, None])
+    retrieved[inside] = flat
+    stray = (retrieved < 0) & inside
     if stray.any():
         warnings.append(f"{stray.sum()} retrieved ids in {stray.any(1).sum()} lines are not "
-                        f"gallery ids (lines {_examples(names, stray.any(1))}); they are misses.")
+                        f"gallery ids (lines {_examples(names, stray.any(1))}); they are misses, "
+                        "and the official script gives their lines AR 0.")
     # Query labels, flattened with their query index; -1 marks a label with no gallery item.
     labels = [() if ls is None else ls for ls in query_labels]
     flat_q = np.repeat(np.arange(num_q), np.fromiter(map(len, labels), np.int64, num_q))
@@ -83,7 +85,7 @@ def per_query_scores(
         if mask.any():
             warnings.append(f"{mask.sum()} queries {what} ({_examples(names, mask)}); they "
                             "score 0 and count in the means.")
-    valid = (n_labels > 0) & ~absent
+    valid = (n_labels > 0) & ~absent & (lengths > 0)
     keep = valid[flat_q]
     flat_q, flat_l = flat_q[keep], flat_l[keep]
     big_p = np.bincount(flat_q, counts[flat_l], minlength=num_q).astype(np.int64)  # P.
@@ -107,44 +109,58 @@ def per_query_scores(
         in_k = hit & (ranks <= k[:, None])
         h = in_k.sum(1)
         prec = np.divide(h, k, out=np.zeros(num_q), where=k > 0)
-        ap_sum = np.where(in_k, precision_at_i, 0.0).sum(1)
+        # Left-to-right sums (cumulative sums are sequential; adding 0.0 changes nothing).
+        ap_sum = np.cumsum(np.where(in_k, precision_at_i, 0.0), axis=1)[:, -1]
         ap = np.divide(ap_sum, h, out=np.zeros(num_q), where=h > 0)
         expected = np.minimum(qmult * (n // np.maximum(n_labels, 1))[:, None], qcount)  # e_l.
-        got = match[:, :n].sum(1)  # Retrieved count per label in the first N of R (not k).
+        found = match[:, :n]
+        got = found.sum(1)  # Retrieved count per label in the first N of R (not k).
         ratio = np.divide(np.minimum(got, expected), expected, out=np.zeros(got.shape),
                           where=expected > 0)
-        # The official script's division by zero; it only happens when |L| > N, where every e_l
-        # is 0 and AR would be 0 anyway, but it is kept literal.
-        fails = ((expected == 0) & (got > 0)).any(1)
-        ar = np.where(fails, 0.0, ratio.sum(1) / n_distinct)
+        # The script sums the labels in the order they are first retrieved.
+        first = np.where(got > 0, found.argmax(1), n)
+        ratio = np.take_along_axis(ratio, np.argsort(first, axis=1, kind="stable"), axis=1)
+        ar = np.cumsum(ratio, axis=1)[:, -1] / n_distinct
+        # Where the script raises inside AR: a retrieved label expected 0 times (|L| > N), or
+        # an id among the first N that is not in the gallery.
+        fails = ((expected == 0) & (got > 0)).any(1) | stray[:, :n].any(1)
+        ar = np.where(fails, 0.0, ar)
         results[n] = {name: np.where(valid, v, 0.0)
                       for name, v in (("AP", ap), ("Prec", prec), ("AR", ar))}
     return results, warnings
+
+
+def mean(values: np.ndarray) -> float:
+    """The mean as the official script takes it: a left-to-right sum over the lines, divided."""
+    values = np.asarray(values, np.float64)
+    return float(np.cumsum(values)[-1] / len(values)) if len(values) else 0.0
 
 
 def score(
     ranked: Ranked, query_labels: Sequence[Sequence[str] | None], gallery_labels: Mapping[str, str],
     ns: Sequence[int] = NS, query_ids: Sequence[str] | None = None,
 ) -> tuple[Scores, list[str]]:
-    """Official scores in percent, {"top10": {"mAP", "Prec", "mAR"}, ...}, and warnings."""
+    """Official scores as fractions, {"top10": {"mAP", "Prec", "mAR"}, ...}, and warnings."""
     if not len(ranked):
         raise ValueError("there are no queries to score")
     per_query, warnings = per_query_scores(ranked, query_labels, gallery_labels, ns, query_ids)
-    scores = {f"top{n}": {key: 100 * float(s[name].mean())
+    scores = {f"top{n}": {key: mean(s[name])
                           for key, name in (("mAP", "AP"), ("Prec", "Prec"), ("mAR", "AR"))}
               for n, s in per_query.items()}
     return scores, warnings
 
 
+def write_scores(path: str | os.PathLike, scores: Scores) -> None:
+    """`metric_results.json` byte for byte as the official script writes it."""
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(scores, f, indent=2, ensure_ascii=False)
+
+
 def read_retrieval_file(path: str | os.PathLike) -> list[tuple[str, list[str]]]:
-    """Reads `query_id,g0,g1,...` lines (blank lines skipped, whitespace and CRLF stripped)."""
-    entries = []
+    """Every line of a retrieval file as `(query id, [gallery ids])`, as the official script splits
+    it: universal newlines, the line stripped as a whole, split on commas (blank lines too)."""
     with open(path, encoding="utf-8") as f:
-        for line in f:
-            if line.strip():
-                query_id, *ids = [x.strip() for x in line.strip().split(",")]
-                entries.append((query_id, ids))
-    return entries
+        return [(fields[0], fields[1:]) for fields in (line.strip().split(",") for line in f)]
 
 
 def write_retrieval_file(path: str | os.PathLike, query_ids: Sequence[str],
@@ -157,24 +173,75 @@ def write_retrieval_file(path: str | os.PathLike, query_ids: Sequence[str],
 
 def read_ground_truth(gt_dir: str | os.PathLike, splits: Sequence[str] = ("dev", "test")
                       ) -> tuple[dict[str, str], dict[str, tuple[str, ...]], list[str]]:
-    """Reads the official files: ({gallery id: label}, {query id: labels}, warnings).
-
-    Queries of all `splits` go into one table, as in the official script.
-    """
+    """The official files as the script reads them: ({gallery id: label}, {query id: labels},
+    warnings). Queries of all `splits` go into one table; on a shared id dev wins, as there."""
     from tfds_product1m import product1m_files  # Imports TensorFlow: only when files are read.
 
-    tables, warnings = [], []
+    tables, warnings = {}, []
     for split in ("gallery", *splits):
         path = os.path.join(gt_dir, product1m_files.split_filename(split))
         if not os.path.isfile(path):
             raise FileNotFoundError(f"ground-truth file {path} not found: put the official "
                                     "Product1M files in --gt_dir (or pick the split with --split).")
-        rows, stats = product1m_files.read_split_file(path, split)
-        if sum(stats.skipped.values()):
-            warnings.append(f"{os.path.basename(path)}: skipped rows {dict(stats.skipped)}.")
-        tables.append({row.id: row.labels for row in rows})
-    gallery = {gid: labels[0] for gid, labels in tables[0].items()}
-    return gallery, {qid: labels for table in tables[1:] for qid, labels in table.items()}, warnings
+        table = product1m_files.read_official_labels(path)
+        warnings += ground_truth_warnings(os.path.basename(path), table)
+        tables[split] = table.labels
+    gallery = {gid: labels[0] for gid, labels in tables.pop("gallery").items()}
+    queries = {}
+    for split in sorted(tables, key=lambda s: s == "dev"):  # The script reads test, then dev.
+        queries.update(tables[split])
+    return gallery, queries, warnings
+
+
+def ground_truth_warnings(name: str, table) -> list[str]:
+    """What in a ground-truth file (an `OfficialLabels`) the scores treat unlike a reader might
+    expect, one sentence each."""
+    out = []
+    if table.unusable_lines:
+        out.append(f"{name}: {len(table.unusable_lines)} blank or short lines (e.g. line "
+                   f"{table.unusable_lines[0]}) are left out; the official script stops on them.")
+    if table.repeated_ids:
+        out.append(f"{name}: {table.repeated_ids} lines repeat an earlier id; the later line's "
+                   "labels count, as in the official script.")
+    if table.padded:
+        out.append(f"{name}: {table.padded} rows have spaces around the id or a label; the official "
+                   "script keeps them, so those ids and labels match nothing with the spaces.")
+    return out
+
+
+# What `check_lines` finds, as (kind, sentence); `--strict` rejects the first, otherwise each
+# kind is one warning and the official semantics stand.
+_PROBLEMS = {
+    "blank": "is blank (the official script counts it as a query that scores 0)",
+    "format": "is not `query_id,gallery_id,...` (no gallery ids, or an empty or space-padded id)",
+    "too_long": "has more than 100 gallery ids (only the first 100 are scored)",
+    "repeated": "repeats the query id of an earlier line (both lines count)",
+    "unknown_query": "has a query id that is not in the ground truth (it scores 0)",
+    "unknown_id": "has a gallery id that is not in the gallery (a miss; AR 0)",
+}
+
+
+def check_lines(entries: Sequence[tuple[str, Sequence[str]]], gallery: Mapping[str, str],
+                query_gt: Mapping[str, Sequence[str]]) -> dict[str, list[int]]:
+    """{problem kind: 1-based line numbers} for the retrieval lines `entries` (see `_PROBLEMS`)."""
+    found: dict[str, list[int]] = collections.defaultdict(list)
+    seen: set[str] = set()
+    for number, (query_id, ids) in enumerate(entries, start=1):
+        if not query_id and not ids:
+            found["blank"].append(number)
+            continue
+        if not ids or any(not x or x != x.strip() for x in (query_id, *ids)):
+            found["format"].append(number)
+        if len(ids) > max(NS):
+            found["too_long"].append(number)
+        if query_id in seen:
+            found["repeated"].append(number)
+        seen.add(query_id)
+        if query_id not in query_gt:
+            found["unknown_query"].append(number)
+        if any(x not in gallery for x in ids):
+            found["unknown_id"].append(number)
+    return dict(found)
 
 
 def align_with_ground_truth(
@@ -198,6 +265,12 @@ def align_with_ground_truth(
     return query_ids, [ids for _, ids in entries], labels, warnings
 
 
+def percent(scores: Scores) -> str:
+    """One line of a scores dict in percent, for logs: `top10: mAP 61.11 Prec ... | top50: ...`."""
+    return " | ".join(f"{n}: " + " ".join(f"{k} {100 * v:.2f}" for k, v in s.items())
+                      for n, s in scores.items())
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Official Product1M scores of a retrieval file.")
     parser.add_argument("--gt_dir", required=True,
@@ -206,6 +279,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--output_dir", required=True, help="where metric_results.json is written")
     parser.add_argument("--split", choices=("dev", "test", "both"), default="both",
                         help="queries to look up (default: dev and test in one table)")
+    parser.add_argument("--strict", action="store_true",
+                        help="reject a malformed line (format, over 100 ids, a repeated query, an "
+                             "unknown id) with its line number instead of scoring it")
     args = parser.parse_args(argv)
     try:
         if not os.path.isfile(args.retrieval_file):
@@ -217,17 +293,24 @@ def main(argv: Sequence[str] | None = None) -> None:
                              "per query.")
         gallery, query_gt, warnings = read_ground_truth(
             args.gt_dir, ("dev", "test") if args.split == "both" else (args.split,))
+        problems = check_lines(entries, gallery, query_gt)
+        if args.strict and problems:
+            number, kind = min((lines[0], kind) for kind, lines in problems.items())
+            raise ValueError(f"{args.retrieval_file}, line {number} {_PROBLEMS[kind]}; fix the "
+                             "file or score it without --strict.")
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    query_ids, ranked, labels, more = align_with_ground_truth(entries, query_gt)
-    scores, score_warnings = score(ranked, labels, gallery, query_ids=query_ids)
+    for kind, lines in problems.items():
+        more = f" and {len(lines) - 1} more" if len(lines) > 1 else ""
+        warnings.append(f"line {lines[0]}{more} {_PROBLEMS[kind]}.")
+    query_ids, ranked, labels, _ = align_with_ground_truth(entries, query_gt)
+    scores, _ = score(ranked, labels, gallery, query_ids=query_ids)
     os.makedirs(args.output_dir, exist_ok=True)
-    with open(os.path.join(args.output_dir, "metric_results.json"), "w", encoding="utf-8") as f:
-        json.dump(scores, f, indent=2)
+    write_scores(os.path.join(args.output_dir, "metric_results.json"), scores)
     for key, s in scores.items():
-        print(f"{key}: mAP {s['mAP']:.4f}  Prec {s['Prec']:.4f}  mAR {s['mAR']:.4f}")
-    for warning in warnings + more + score_warnings:
+        print(f"{key}: mAP {s['mAP']:.6f}  Prec {s['Prec']:.6f}  mAR {s['mAR']:.6f}")
+    for warning in warnings:
         print(f"warning: {warning}")
 
 

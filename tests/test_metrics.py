@@ -1,10 +1,12 @@
-"""Official Product1M scores: hand-computed rank lists, a literal reference, and the command."""
+"""Official Product1M scores: hand-computed rank lists, a literal port of the authors' script
+(official_rules.py), and the scoring command."""
 
 import json
 
 import numpy as np
 import pytest
 
+import official_rules
 from capture_jax import metrics
 
 # Gallery: label A has 5 items, B 3, C 2, D 1, X 20.
@@ -83,11 +85,25 @@ def test_ranked_list_shorter_than_n():
 
 def test_unknown_gallery_ids_are_misses_but_count_in_r():
     # R = zz a1 "" a2: |R| = 4, k = min(N, 5, 4) = 4, hits at 2 and 4: Prec = 2/4,
-    # AP = (1/2 + 2/4) / 2 = 1/2. AR: e_A = 5, g_A = 2 -> 2/5.
+    # AP = (1/2 + 2/4) / 2 = 1/2. AR: the script looks up the label of zz and fails: 0.
     got, warnings = one(["zz", "a1", "", "a2"], ["A"])
-    check(got, {n: (1 / 2, 1 / 2, 2 / 5) for n in metrics.NS})
+    check(got, {n: (1 / 2, 1 / 2, 0) for n in metrics.NS})
     assert len(warnings) == 1 and "2 retrieved ids" in warnings[0]
     assert "not gallery ids" in warnings[0]
+    # Past the first N the unknown id no longer touches AR@N: R = a1 x1..x10 zz.
+    got, _ = one(["a1", *X[:10], "zz"], ["A"], ns=(10, 50))
+    check(got, {10: (1, 1 / 5, 1 / 5), 50: (1, 1 / 5, 0)})
+
+
+def test_ar_sums_labels_in_the_order_first_retrieved():
+    # L = [B, A, C], N = 10: e_B = 3, e_A = 3, e_C = 2. R retrieves C first, then A (twice), then
+    # B once: g/e = 1/2, 2/3, 1/3. The script adds them in that order (C, A, B), which rounds
+    # differently from L's order or the labels' sorted order.
+    ranked = ["c1", "a1", "a2", "b1", "x1", "x2", "x3", "x4", "x5", "x6"]
+    got, _ = one(ranked, ["B", "A", "C"], ns=(10,))
+    first_retrieved = (((0 + 1 / 2) + 2 / 3) + 1 / 3) / 3
+    assert first_retrieved != (((0 + 1 / 3) + 2 / 3) + 1 / 2) / 3  # The order matters here.
+    assert got[10][2] == first_retrieved
 
 
 def test_empty_ranked_list_scores_zero():
@@ -102,7 +118,7 @@ def test_label_absent_from_gallery_scores_zero_and_counts():
     perfect = ["a1", "a2", "a3", "a4", "a5"]
     scores, warnings = metrics.score([perfect] * 2, [["A"], ["A", "Z"]], GALLERY,
                                      query_ids=["q0", "q1"])
-    assert scores == {f"top{n}": {"mAP": 50.0, "Prec": 50.0, "mAR": 50.0} for n in metrics.NS}
+    assert scores == {f"top{n}": {"mAP": 0.5, "Prec": 0.5, "mAR": 0.5} for n in metrics.NS}
     assert len(warnings) == 1 and "no gallery item" in warnings[0] and "q1" in warnings[0]
 
 
@@ -116,7 +132,7 @@ def test_unknown_query_id_counts_in_denominator():
     assert labels[2] is None and len(warnings) == 1 and "q9" in warnings[0]
     scores, more = metrics.score(ranked, labels, GALLERY, query_ids=ids)
     assert more == []
-    want = [100 * (1 + 29 / 36) / 3, 100 * (1 + 3 / 5) / 3, 100 * (1 + 3 / 5) / 3]
+    want = [(1 + 29 / 36) / 3, (1 + 3 / 5) / 3, (1 + 3 / 5) / 3]
     for n in metrics.NS:
         got = [scores[f"top{n}"][k] for k in ("mAP", "Prec", "mAR")]
         np.testing.assert_allclose(got, want, rtol=0, atol=1e-12)
@@ -127,45 +143,6 @@ def test_ndarray_input_matches_lists():
     ranked = rng.choice(list(GALLERY), size=(7, 30))
     labels = [list(rng.choice(list(SIZES), size=rng.integers(1, 4))) for _ in range(7)]
     assert metrics.score(ranked, labels, GALLERY) == metrics.score(ranked.tolist(), labels, GALLERY)
-
-
-# A slow, literal reading of PRODUCT1M.md, "The official scores", one query at a time.
-def reference_scores(entries, query_gt, gallery, n):
-    items_of = {}
-    for gid, label in gallery.items():
-        items_of.setdefault(label, []).append(gid)
-    out = []
-    for query_id, ranked in entries:
-        labels = query_gt.get(query_id)
-        if labels is None or any(label not in items_of for label in labels):
-            out.append((0.0, 0.0, 0.0))  # Unknown id or a label without gallery items: 0, counted.
-            continue
-        pos = {gid for label in labels for gid in items_of[label]}
-        p = sum(len(items_of[label]) for label in labels)
-        k = min(n, p, len(ranked))
-        hits, ap = 0, 0.0
-        for i in range(k):
-            if ranked[i] in pos:
-                hits += 1
-                ap += hits / (i + 1)
-        prec = hits / k if k else 0.0
-        ap = ap / hits if hits else 0.0
-        expected = {}
-        for label in labels:
-            expected[label] = expected.get(label, 0) + n // len(labels)
-        expected = {label: min(e, len(items_of[label])) for label, e in expected.items()}
-        got = {}
-        for gid in ranked[:n]:
-            label = gallery.get(gid)
-            if label in expected:
-                got[label] = got.get(label, 0) + 1
-        if any(expected[label] == 0 for label in got):
-            ar = 0.0  # The official script's division by zero.
-        else:
-            ar = sum(min(g, expected[label]) / expected[label] for label, g in got.items())
-            ar /= len(set(labels))
-        out.append((ap, prec, ar))
-    return np.array(out).reshape(-1, 3)
 
 
 def random_problem(rng):
@@ -184,65 +161,116 @@ def random_problem(rng):
     return entries, query_gt, gallery
 
 
-def test_matches_literal_reference_on_random_problems():
+def official_lines(entries, query_gt, gallery):
+    """The problem as the official files' lines (the labels of every query in the dev file)."""
+    row = "{}#####title#####https://a/{}.jpg#####https://b/{}.jpg#####{}\r\n"
+    g_lines = [row.format(g, g, g, label) for g, label in gallery.items()]
+    q_lines = [row.format(q, q, q, "#;#".join(ls)) for q, ls in query_gt.items()]
+    r_lines = [",".join([q, *ranked]) + "\n" for q, ranked in entries]
+    return g_lines, [], q_lines, r_lines
+
+
+def test_equals_literal_port_of_official_script_on_random_problems():
     rng = np.random.default_rng(0)
     for _ in range(200):
         entries, query_gt, gallery = random_problem(rng)
         ids, ranked, labels, _ = metrics.align_with_ground_truth(entries, query_gt)
         ns = (1, 5, 10, 50, 100)
-        per_query, _ = metrics.per_query_scores(ranked, labels, gallery, ns)
         scores, _ = metrics.score(ranked, labels, gallery, ns)
-        for n in ns:
-            want = reference_scores(entries, query_gt, gallery, n)
-            got = np.stack([per_query[n][k] for k in ("AP", "Prec", "AR")], axis=1)
-            np.testing.assert_allclose(got, want, rtol=0, atol=1e-12)
-            means = [scores[f"top{n}"][k] for k in ("mAP", "Prec", "mAR")]
-            np.testing.assert_allclose(means, 100 * want.mean(0), rtol=0, atol=1e-10)
+        want = official_rules.official_scores(*official_lines(entries, query_gt, gallery), ns)
+        assert scores == want  # Exactly: same sums in the same order.
 
 
-def test_retrieval_file_round_trip(tmp_path):
+def test_retrieval_file_read_as_the_official_script_splits_it(tmp_path):
     path = tmp_path / "retrieval_id_list.txt"
     metrics.write_retrieval_file(path, ["q1", "q2"], np.array([["g1", "g2"], ["g3", "g4"]]))
     assert path.read_text() == "q1,g1,g2\nq2,g3,g4\n"
     path.write_bytes(b"q1, g1,g2\r\n\r\n  \nq2\r\nq3,g1,\n")
-    want = [("q1", ["g1", "g2"]), ("q2", []), ("q3", ["g1", ""])]
+    want = [("q1", [" g1", "g2"]), ("", []), ("", []), ("q2", []), ("q3", ["g1", ""])]
     assert metrics.read_retrieval_file(path) == want
 
 
-def write_gt(folder):
-    row = "{}#####title {}#####https://a/{}.jpg#####https://b/{}.jpg#####{}"
-    files = {"gallery": [("g1", "Brand A"), ("g2", "Brand A"), ("g3", "Brand B")],
-             "dev": [("q1", "Brand A#;#Brand A ")],  # Duplicate label, stray space.
+GT_ROW = "{}#####title {}#####https://a/{}.jpg#####https://b/{}.jpg#####{}"
+
+
+def write_gt(folder, extra_gallery=()):
+    """A real-format case: CRLF lines, a duplicate label, a repeated gallery id (the later line
+    wins), a label with a stray space (kept by the official script)."""
+    files = {"gallery": [("g1", "Brand A"), ("g2", "Brand A"), ("g3", "Brand B"), ("g4", "Brand C"),
+                         ("g4", "Brand B"), *extra_gallery],
+             "dev": [("q1", "Brand A#;#Brand A"), ("q3", "Brand A #;#Brand B"),
+                     ("q4", "Brand B#;#Brand A#;#Brand B")],
              "test": [("q2", "Brand B")]}
     for split, rows in files.items():
-        lines = [row.format(i, i, i, i, labels) for i, labels in rows]
+        lines = [GT_ROW.format(i, i, i, i, labels) for i, labels in rows]
         text = "\r\n".join(lines) + "\r\n"
         (folder / f"product1m_{split}_ossurl_v2.txt").write_bytes(text.encode())
 
 
-def test_command_writes_official_json(tmp_path, capsys):
+RETRIEVAL = (b"q1,g1,g3,g2\r\nq2,g3,g4\r\nqX,g1\r\nq3,g1,g2\r\nq4,g9,g3,g1,g4,g2\r\n\r\n"
+             b"q1,g2,g1\r\nq2\r\n")
+
+
+def test_command_equals_literal_port_of_official_script(tmp_path, capsys):
     write_gt(tmp_path)
-    (tmp_path / "ret.txt").write_bytes(b"q1,g1,g3,g2\r\nq2,g3\r\nqX,g1\r\n")
+    (tmp_path / "ret.txt").write_bytes(RETRIEVAL)
     metrics.main(["--gt_dir", str(tmp_path), "--retrieval_file", str(tmp_path / "ret.txt"),
                   "--output_dir", str(tmp_path / "out")])
-    # q1: L = [A, A], P = 4, k = min(N, 4, 3) = 3, hits 1 and 3: Prec = 2/3, AP = (1 + 2/3)/2 = 5/6;
-    # e_A = min(2 * floor(N/2), 2) = 2, g_A = 2: AR = 1. q2: k = 1, all 1. qX unknown: 0.
-    # Means over 3 lines: mAP = (5/6 + 1)/3 = 11/18, Prec = (2/3 + 1)/3 = 5/9, mAR = 2/3.
-    scores = json.loads((tmp_path / "out" / "metric_results.json").read_text())
+    ours = (tmp_path / "out" / "metric_results.json").read_bytes()
+    want = official_rules.score_files(str(tmp_path), str(tmp_path / "ret.txt"))
+    official_rules.write_json(tmp_path / "official.json", want)
+    assert ours == (tmp_path / "official.json").read_bytes()
+    scores = json.loads(ours)
     assert list(scores) == ["top10", "top50", "top100"]
-    for s in scores.values():
-        assert list(s) == ["mAP", "Prec", "mAR"]
-        want = [100 * 11 / 18, 100 * 5 / 9, 100 * 2 / 3]
-        np.testing.assert_allclose(list(s.values()), want, rtol=0, atol=1e-12)
+    assert all(list(s) == ["mAP", "Prec", "mAR"] for s in scores.values())
+    # By hand, top10. Gallery: A = {g1, g2}, B = {g3, g4} (g4's later line). 8 lines count:
+    # q1: L = [A, A], P = 4, k = 3, hits 1, 3: Prec 2/3, AP (1 + 2/3) / 2 = 5/6; AR 1.
+    # q2: k = 2, both B: 1, 1, 1. qX: unknown, 0. q3: "Brand B " has no gallery item: 0.
+    # q4: L = [B, A, B], P = 6, k = 5; g9 unknown: hits at 2..5: Prec 4/5,
+    #     AP (1/2 + 2/3 + 3/4 + 4/5) / 4; AR 0 (the script fails on g9's label).
+    # blank line: 0. q1 again: k = 2, both hits: 1, 1, 1. "q2" with no ids: k = 0, 0.
+    ap4 = (1 / 2 + 2 / 3 + 3 / 4 + 4 / 5) / 4
+    np.testing.assert_allclose(list(scores["top10"].values()),
+                               [(5 / 6 + 1 + ap4 + 1) / 8, (2 / 3 + 1 + 4 / 5 + 1) / 8, 3 / 8],
+                               rtol=0, atol=1e-15)
     printed = capsys.readouterr().out
-    assert "top10: mAP 61.1111" in printed and "qX" in printed
-    # Test queries only: q1 is now unknown.
+    assert "top10: mAP 0.4" in printed
+    for words in ("line 6 is blank", "line 3 has a query id", "line 5 has a gallery id",
+                  "line 7 and 1 more repeats", "line 8 is not `query_id", "repeat an earlier id",
+                  "spaces around"):
+        assert words in printed, words
+
+
+@pytest.mark.parametrize("line, why", [
+    (b"q1,g1, g2", "line 2 is not `query_id,gallery_id,...`"),
+    (b"q1," + b",".join(b"g1" for _ in range(101)), "line 2 has more than 100"),
+    (b"q2,g3", "line 2 repeats the query id"),
+    (b"qX,g1", "line 2 has a query id that is not in the ground truth"),
+    (b"q1,g1,g7", "line 2 has a gallery id that is not in the gallery"),
+    (b"", "line 2 is blank"),
+])
+def test_strict_rejects_a_malformed_line_with_its_number(tmp_path, capsys, line, why):
+    write_gt(tmp_path)
+    (tmp_path / "ret.txt").write_bytes(b"q2,g3,g4\r\n" + line + b"\r\nq1,g1\r\n")
+    args = ["--gt_dir", str(tmp_path), "--retrieval_file", str(tmp_path / "ret.txt"),
+            "--output_dir", str(tmp_path / "out")]
+    with pytest.raises(SystemExit) as e:
+        metrics.main([*args, "--strict"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert why in err and "Traceback" not in err and not (tmp_path / "out").exists()
+    metrics.main(args)  # Without --strict: the official semantics, with a warning.
+    assert "warning: " + why in capsys.readouterr().out
+
+
+def test_command_test_split_only(tmp_path):
+    write_gt(tmp_path)
+    (tmp_path / "ret.txt").write_bytes(b"q1,g1,g2\nq2,g3\n")
     metrics.main(["--gt_dir", str(tmp_path), "--retrieval_file", str(tmp_path / "ret.txt"),
                   "--output_dir", str(tmp_path / "out"), "--split", "test"])
     scores = json.loads((tmp_path / "out" / "metric_results.json").read_text())
-    np.testing.assert_allclose(list(scores["top10"].values()), [100 / 3] * 3, atol=1e-12)
-
-
+    # q1 is a dev query (0); q2: k = 1, a hit; e_B = 2 (g3 and g4), g_B = 1: AR 1/2.
+    assert scores["top10"] == {"mAP": 0.5, "Prec": 0.5, "mAR": 0.25}
 @pytest.mark.parametrize("missing", ["product1m_dev_ossurl_v2.txt", "ret.txt"])
 def test_command_missing_file_exits_2(tmp_path, capsys, missing):
     write_gt(tmp_path)

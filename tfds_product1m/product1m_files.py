@@ -256,3 +256,36 @@ def load_example(row: Row, image_path: str | None, max_side: int) -> tuple[Examp
         "original_height": image.height,
     }
     return Example(row.id, features), image.fixes
+
+
+@dataclasses.dataclass
+class OfficialLabels:
+    """A labelled split as the authors' scoring script reads it (see `read_official_labels`)."""
+
+    labels: dict[str, tuple[str, ...]]  # id -> labels, split on `#;#`, nothing stripped
+    unusable_lines: list[int]  # 1-based lines with fewer than 5 fields (the script fails there)
+    repeated_ids: int  # lines whose id an earlier line had (the later line wins)
+    padded: int  # rows whose id or a label has whitespace around it (kept, so they never match)
+
+
+def read_official_labels(path: str | os.PathLike) -> OfficialLabels:
+    """The ground truth of a gallery/dev/test file by the official scoring script's rules.
+
+    Those rules differ from the builder's reader (`parse_split_lines`), and the scores must follow
+    them to match published numbers: each line is stripped as a whole, its fifth `#####` field is
+    split on `#;#` and neither the id nor the labels are stripped further; a repeated id takes
+    the later line's labels; universal newlines (a lone CR also ends a line). Where the script
+    fails (a blank line or a row with fewer than five fields) the line is left out and reported.
+    """
+    out = OfficialLabels({}, [], 0, 0)
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for number, line in enumerate(f, start=1):
+            fields = line.strip().split(FIELD_SEP)
+            if len(fields) < 5:
+                out.unusable_lines.append(number)
+                continue
+            item_id, labels = fields[0], tuple(fields[4].split(LABEL_SEP))
+            out.repeated_ids += item_id in out.labels
+            out.padded += any(x != x.strip() for x in (item_id, *labels))
+            out.labels[item_id] = labels
+    return out
