@@ -134,7 +134,7 @@ def get_vocab_path(config, workdir: str) -> str:
                 "bert-base-chinese style vocab.txt, or to None to learn one from the train titles.")
         return config.vocab_path
     path = f"{workdir}/vocab.txt"
-    builder = _builder(config, config.dataset.train_split)  # Every process: may build (collective).
+    builder = get_builder(config, config.dataset.train_split)  # Every process: may build (collective).
 
     def write():
         if tf.io.gfile.exists(path):
@@ -275,7 +275,7 @@ def normalize_images(images: tf.Tensor) -> tf.Tensor:
 
 
 # --------------------------------------------------------------------------- datasets
-def _builder(config, split: str | None = None) -> tfds.core.DatasetBuilder:
+def get_builder(config, split: str | None = None) -> tfds.core.DatasetBuilder:
     """The TFDS builder, with `split` checked; synthetic configs are built on first use."""
     name, data_dir = config.dataset.name, config.dataset.data_dir
     builder = tfds.builder(name, data_dir=data_dir)
@@ -360,7 +360,7 @@ class _Visual:
 
 def check_dataset(config) -> None:
     """Raises one sentence if the dataset is missing or does not fit `config.model.visual`."""
-    _Visual(config, _builder(config))
+    _Visual(config, get_builder(config))
 
 
 def _train_records(builder, split, seed: int, buffer: int, start: int) -> tf.data.Dataset:
@@ -415,7 +415,7 @@ def create_train_iterator(config, workdir: str, *, start_step: int = 0,
                          f"{n_proc} processes: choose a multiple of {n_proc}.")
     local_batch, global_batch = config.global_batch_size // n_proc, config.global_batch_size
     tokenizer = load_tokenizer(config, workdir)
-    builder = _builder(config, config.dataset.train_split)
+    builder = get_builder(config, config.dataset.train_split)
     visual = _Visual(config, builder)
     split = tfds.even_splits(config.dataset.train_split, n=n_proc, drop_remainder=True)[pid]
     ds = _train_records(builder, split, config.seed, max(1, config.dataset.shuffle_buffer),
@@ -442,7 +442,8 @@ def create_train_iterator(config, workdir: str, *, start_step: int = 0,
 
 
 class EvalDataset:
-    """Re-iterable per-host eval batches: `(batch, item_ids, labels)`; `len()` = batch count.
+    """Re-iterable per-host eval batches: `(batch, item_ids, labels, titles)`; `len()` = batch
+    count.
 
     Every host yields the same number of batches (its slice padded with `valid` = 0 rows), so
     collective ops inside a jitted eval step line up across hosts.
@@ -451,7 +452,7 @@ class EvalDataset:
     def __init__(self, config, workdir: str, split: str):
         self._config = config
         self._tokenizer = load_tokenizer(config, workdir)
-        self._builder = _builder(config, split)
+        self._builder = get_builder(config, split)
         self._visual = _Visual(config, self._builder)
         n_proc, pid = jax.process_count(), jax.process_index()
         self._subsplit = tfds.even_splits(split, n=n_proc, drop_remainder=False)[pid]
@@ -476,7 +477,7 @@ class EvalDataset:
             return {"text_ids": ids[0], "text_mask": mask[0], "mlm_labels": -tf.ones([t], tf.int32),
                     **visual.example(ex), "mrm_mask": tf.zeros([p]),
                     "mrm_zero": tf.zeros([p]), "valid": tf.constant(1, tf.int32),
-                    "item_id": ex["id"], "labels": ex["labels"],
+                    "item_id": ex["id"], "labels": ex["labels"], "title": ex["title"],
                     "num_labels": tf.size(ex["labels"], out_type=tf.int32)}
 
         ds = ds.map(example, num_parallel_calls=AUTOTUNE, deterministic=True)
@@ -493,7 +494,8 @@ class EvalDataset:
             item_ids = np.array([s.decode() for s in batch.pop("item_id")], dtype=str)
             labels = [[s.decode() for s in row[:n]]
                       for row, n in zip(batch.pop("labels"), batch.pop("num_labels"))]
-            yield batch, item_ids, labels
+            titles = [s.decode() for s in batch.pop("title")]
+            yield batch, item_ids, labels, titles
 
 
 def create_eval_dataset(config, workdir: str, split: str) -> EvalDataset:

@@ -237,6 +237,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     mesh = sharding.make_mesh(dict(config.mesh), devices)
     rules = sharding.rules(config.sharding_rules)
     _check_config(config, mesh)
+    if config.eval_every >= 0:  # Before training, not after it.
+        from capture_jax.evaluators import retrieval
+        retrieval.check_eval_config(config)
     config = _resolve_init(config)
     tokenizer = input_pipeline.load_tokenizer(config, workdir)  # Learns the vocab once if needed.
     input_pipeline.check_dataset(config)  # Data present and fits the visual front end.
@@ -320,12 +323,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
 
 
 def _evaluate(config, workdir, state: TrainState, mesh, rules, step: int, writer) -> dict:
-    """Retrieval evaluation of the current parameters (see evaluators/retrieval.py)."""
+    """Retrieval evaluation of the current parameters (see evaluators/retrieval.py); its
+    `(name, value)` pairs are written as scalars and returned as a dict."""
     from capture_jax.evaluators import retrieval  # Imported late: it pulls in the report code.
 
+    run_info = {"variant": config.get("variant"), "seed": config.get("seed"), "workdir": workdir}
     with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
-        return retrieval.evaluate(config, workdir, state.model_def, state.model, mesh, rules,
-                                  step=step, writer=writer)
+        pairs = retrieval.evaluate(config, workdir, state.model_def, state.model, mesh, rules,
+                                   step=step, run_info=run_info)
+    values = dict(pairs)
+    if jax.process_index() == 0:
+        writer.write_scalars(step, values)
+        writer.flush()
+    return values
 
 
 def evaluate_only(config: ml_collections.ConfigDict, workdir: str) -> dict:

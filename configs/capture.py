@@ -115,6 +115,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Steps between retrieval evaluations (and at the end); 0 = at the end only; -1 = never.
     config.eval_every = v.get("eval_every", 10_000)
     config.eval = retrieval.eval_config()  # Splits, feature kinds, top-k, chunking, report size.
+    config.eval.headline = v.get("headline", "joint")  # The kind the variant reports.
+    if config.model.visual.kind == "regions":  # The untrained image baseline of the front end.
+        config.eval.baselines = ("tfidf", "region_mean")
     config.profile = False  # Capture a 5-step profile into the workdir.
 
     # Weights-only starts, used when the workdir has no checkpoint yet. `checkpoint`: a previous

@@ -57,6 +57,29 @@ def test_audit_matches_the_injected_dirt_exactly(tiny, tiny_summary):
         assert got["blank_lines"] == dirty["blank_line"]
 
 
+def test_official_ground_truth_kept_for_every_labelled_row(tiny, tiny_summary):
+    """Every gallery/dev/test line with five fields, built or not, with its labels as the
+    official script reads them; it survives a reload from metadata.json."""
+    reloaded = tfds.builder("tfds_product1m/synthetic_tiny", data_dir=os.path.dirname(
+        os.path.dirname(os.path.dirname(tiny.data_dir))))
+    gt = reloaded.info.metadata["ground_truth"]
+    assert sorted(gt) == ["dev", "gallery", "test"]
+    for split in gt:
+        built = {ex["id"].decode(): [x.decode() for x in ex["labels"]] for ex in tfds.as_numpy(
+            tiny.as_dataset(split, decoders={"image": tfds.decode.SkipDecoding()}))}
+        labels, dirty = gt[split]["labels"], tiny_summary[split]["dirty"]
+        # Rows without an image (missing, corrupt) are not built but keep their labels; the
+        # short row cannot be read and is reported; the duplicate id keeps the later line.
+        assert len(labels) == len(built) + dirty["missing_image"] + dirty["corrupt_image"]
+        assert len(gt[split]["unusable_lines"]) == dirty["short_row"] + dirty["blank_line"]
+        assert gt[split]["repeated_ids"] == dirty["duplicate_id"]
+        assert gt[split]["padded"] == dirty["stray_spaces"]
+        same = [i for i in built if i in labels]  # The space-padded id is kept padded.
+        assert len(same) == len(built) - dirty["stray_spaces"]
+        differ = [i for i in same if labels[i] != built[i]]  # The builder keeps the first line.
+        assert len(differ) == dirty["duplicate_id"]
+
+
 def test_audit_is_written_to_metadata_json_and_reloads(tiny):
     path = os.path.join(tiny.data_dir, "metadata.json")
     with open(path) as f:

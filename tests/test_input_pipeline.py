@@ -250,7 +250,8 @@ def test_eval_dataset_pads_last_batch(config, workdir, split_rows, tokenizer):
     assert len(batches) == len(ds) == 4  # 16 rows, batches of 5.
     expected = {r[0]: r for r in split_rows["dev"]}
     seen = []
-    for batch, item_ids, labels in batches:
+    for batch, item_ids, labels, titles in batches:
+        assert len(titles) == len(item_ids) and all(isinstance(t, str) for t in titles)
         assert batch["valid"].shape == (5,) and batch["valid"].dtype == np.int32
         assert batch["text_ids"].shape == (5, T) and batch["image"].shape == (5, SIZE, SIZE, 3)
         assert np.all(batch["mlm_labels"] == -1) and not batch["mrm_mask"].any()
@@ -279,7 +280,7 @@ def test_eval_every_host_runs_the_same_number_of_batches(config, workdir, monkey
         monkeypatch.setattr(jax, "process_index", lambda pid=pid: pid)
         batches = list(ip.create_eval_dataset(config, workdir, "dev"))
         lengths.append(len(batches))
-        ids += [i for b, item_ids, _ in batches for i, v in zip(item_ids, b["valid"]) if v]
+        ids += [i for b, item_ids, *_ in batches for i, v in zip(item_ids, b["valid"]) if v]
     assert lengths == [2, 2, 2] and len(ids) == len(set(ids)) == 16
 
 

@@ -81,8 +81,11 @@ def test_output_shapes_and_dtypes(kind, dtype):
                     mrm_pred=((b, r, f), dt), mrm_targets=((b, r, f), jnp.float32))
     assert {k: (v.shape, v.dtype) for k, v in out.items()} == expected
     emb = jax.eval_shape(lambda s: nnx.merge(graphdef, s).embed(batch), state)
+    f32, h = jnp.float32, config.hidden_size
     assert {k: (v.shape, v.dtype) for k, v in emb.items()} == dict(
-        visual=((b, d), dt), text=((b, d), dt), joint=((b, 2 * d), jnp.float32))
+        visual=((b, d), f32), text=((b, d), f32), joint=((b, 2 * d), f32),
+        clr_visual=((b, d), f32), clr_text=((b, d), f32), clr_concat=((b, 2 * d), f32),
+        capture=((b, d + h), f32))
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         names = var.get_metadata().get("out_sharding")
         assert var.dtype == jnp.float32 and names is not None and len(names) == var.ndim, path
@@ -180,6 +183,18 @@ def test_dropout_key_contract(tiny_regions):
     np.testing.assert_allclose(emb["visual"], evaluation["pooled_visual"], atol=1e-5)
     np.testing.assert_allclose(np.linalg.norm(emb["joint"][:, :config.out_dim], axis=-1), 1.0,
                                atol=1e-5)
+    assert set(emb) == set(capture.FEATURE_KINDS)
+    # The pre-fusion kinds are CLR's features; `capture` multiplies the modalities' first tokens.
+    np.testing.assert_allclose(emb["clr_text"], evaluation["clr_text"], atol=1e-5)
+    np.testing.assert_allclose(emb["clr_visual"], evaluation["clr_visual"], atol=1e-5)
+    norm = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)  # noqa: E731
+    np.testing.assert_allclose(emb["clr_concat"], np.concatenate(
+        [norm(evaluation["clr_visual"]), norm(evaluation["clr_text"])], -1), atol=1e-5)
+    joint_product = norm(evaluation["pooled_text"] * evaluation["pooled_visual"])
+    np.testing.assert_allclose(emb["capture"][:, :config.out_dim], joint_product, atol=1e-5)
+    single = emb["capture"][:, config.out_dim:]
+    assert single.shape == (4, config.hidden_size)
+    np.testing.assert_allclose(np.linalg.norm(single, axis=-1), 1.0, atol=1e-5)
 
 
 def test_variants_table():

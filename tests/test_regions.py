@@ -14,7 +14,7 @@ import tensorflow_datasets as tfds
 import tfds_product1m  # noqa: F401  (registers the builder)
 from capture_jax import input_pipeline as ip
 from capture_jax import train
-from capture_jax.evaluators import retrieval
+from capture_jax.evaluators import report
 from configs import capture as capture_configs
 from tfds_product1m import product1m_files as files
 from tfds_product1m import region_features as rf
@@ -265,7 +265,7 @@ def test_train_and_eval_batches(data_dir, builder, tmp_path):
     # Eval: unmasked, and equal to the stored rows computed by hand.
     stored = {ex["id"].decode(): ex["regions"] for ex in tfds.as_numpy(builder.as_dataset("dev"))}
     rows = 0
-    for batch, item_ids, _ in ip.create_eval_dataset(config, str(tmp_path), "dev"):
+    for batch, item_ids, *_ in ip.create_eval_dataset(config, str(tmp_path), "dev"):
         assert not batch["mrm_mask"].any() and not batch["mrm_zero"].any()
         for i, item_id in enumerate(item_ids):
             if not item_id:
@@ -315,12 +315,12 @@ def test_tiny_regions_model_trains(data_dir, tmp_path):
 def test_report_without_images_shows_placeholders(data_dir, builder, tmp_path):
     config = regions_config(data_dir)
     ids = [ex["id"].decode() for ex in tfds.as_numpy(builder.as_dataset("dev").take(3))]
-    items = retrieval._read_items(config, "dev", set(ids))
+    items = report.read_items(config, "dev", set(ids))
     assert sorted(items) == sorted(ids) and all(uri == "" for _, uri in items.values())
     scores = {f"top{n}": {"mAP": 1.0, "Prec": 1.0, "mAR": 1.0} for n in (10, 50, 100)}
     path = str(tmp_path / "report.html")
-    retrieval.write_report(path, "regions", scores, [(ids[0], ["a b"], ids[1:])],
-                           {i: "a b" for i in ids}, items)
-    report = open(path, encoding="utf-8").read()
-    assert report.count('alt="no image"') == 3 and "data:image/jpeg" not in report
-    assert items[ids[1]][0] and items[ids[1]][0] in report  # Titles still shown.
+    report.write_report(path, "regions", scores, [(ids[0], ["a b"], ids[1:], 1.0, 2)],
+                        {i: "a b" for i in ids}, items)
+    page = open(path, encoding="utf-8").read()
+    assert page.count('alt="no image"') == 3 and "data:image/jpeg" not in page
+    assert items[ids[1]][0] and items[ids[1]][0] in page  # Titles still shown.

@@ -1,6 +1,8 @@
-"""Tests of capture_jax.evaluators.retrieval: exact sharded top-k, end-to-end evaluation on
-synthetic_tiny, a known-answer ranking, and the HTML report rendered by headless Chromium."""
+"""Tests of capture_jax.evaluators: exact sharded top-k, end-to-end evaluation on synthetic_tiny
+scored against the official rules, a known-answer ranking, the baselines, and the HTML report and
+index rendered by headless Chromium."""
 
+import glob
 import json
 import os
 import shutil
@@ -13,8 +15,10 @@ import pytest
 import tensorflow_datasets as tfds
 from flax import nnx
 
+import official_rules
 from capture_jax import input_pipeline, metrics, sharding
-from capture_jax.evaluators import retrieval
+from capture_jax.evaluators import baselines, ranker, report, retrieval
+from capture_jax.models import capture
 from fake_batches import build, tiny_config
 
 MESHES = {"8dev_2x2x2": dict(data=2, fsdp=2, model=2), "1dev": dict(data=1)}
@@ -44,7 +48,7 @@ def test_top_k_equals_numpy_on_random_floats(mesh_name, k, tile):
     rng = np.random.default_rng(0)
     gallery = rng.standard_normal((2003, 24)).astype(np.float32)  # G not a multiple of 8.
     queries = rng.standard_normal((150, 24)).astype(np.float32)  # Q not a multiple of 56.
-    scores, indices = retrieval.top_k(queries, gallery, k, make_mesh(mesh_name), query_chunk=64,
+    scores, indices = ranker.top_k(queries, gallery, k, make_mesh(mesh_name), query_chunk=64,
                                       gallery_tile=tile)
     ref_scores, ref_indices = reference_top_k(queries, gallery, k)
     assert scores.shape == indices.shape == (150, k)
@@ -65,7 +69,7 @@ def test_top_k_breaks_ties_by_lower_gallery_index(mesh_name, k, tile):
     rng = np.random.default_rng(1)
     gallery = rng.integers(-2, 3, (2003, 6)).astype(np.float32)
     queries = rng.integers(-2, 3, (37, 6)).astype(np.float32)
-    scores, indices = retrieval.top_k(queries, gallery, k, make_mesh(mesh_name), query_chunk=16,
+    scores, indices = ranker.top_k(queries, gallery, k, make_mesh(mesh_name), query_chunk=16,
                                       gallery_tile=tile)
     ref_scores, ref_indices = reference_top_k(queries, gallery, k)
     np.testing.assert_array_equal(indices, ref_indices)
@@ -75,7 +79,7 @@ def test_top_k_breaks_ties_by_lower_gallery_index(mesh_name, k, tile):
 def test_top_k_with_fewer_gallery_items_than_k():
     rng = np.random.default_rng(2)
     gallery, queries = rng.standard_normal((13, 8)), rng.standard_normal((3, 8))
-    scores, indices = retrieval.top_k(queries, gallery, 100, make_mesh("8dev_2x2x2"))
+    scores, indices = ranker.top_k(queries, gallery, 100, make_mesh("8dev_2x2x2"))
     assert indices.shape == (3, 13) and np.isfinite(scores).all()
     np.testing.assert_array_equal(indices, reference_top_k(queries, gallery, 13)[1])
 
@@ -108,76 +112,112 @@ def read_split(config, split):
     return {ex["id"].decode(): [s.decode() for s in ex["labels"]] for ex in tfds.as_numpy(ds)}
 
 
-class FakeWriter:
-    def __init__(self):
-        self.scalars = {}
-
-    def write_scalars(self, step, scalars):
-        self.scalars.update({(step, k): v for k, v in scalars.items()})
-
-    def flush(self):
-        pass
+KINDS = (*capture.FEATURE_KINDS, "tfidf", "color_histogram")
 
 
 @pytest.fixture(scope="module")
 def evaluated(setup):
     config, workdir, graphdef, state, mesh, rules = setup
-    writer = FakeWriter()
-    results = retrieval.evaluate(config, workdir, graphdef, state, mesh, rules, step=7,
-                                 writer=writer)
-    return results, writer
+    return dict(retrieval.evaluate(config, workdir, graphdef, state, mesh, rules, step=7,
+                                   run_info={"variant": "tiny-test"}))
+
+
+def raw_dir(config):
+    """The Product1M-format text files the synthetic build was made from."""
+    [path] = glob.glob(os.path.join(config.dataset.data_dir, "downloads", "synthetic_raw", "*"))
+    return path
 
 
 def test_embed_split_equals_unsharded_embedding_in_dataset_order(setup):
     config, workdir, graphdef, state, mesh, rules = setup
-    features, ids, labels = retrieval.embed_split(config, workdir, graphdef, state, mesh, rules,
-                                                  "dev")
+    dev = retrieval.embed_split(config, workdir, graphdef, state, mesh, rules, "dev")
     embed = jax.jit(lambda s, b: nnx.merge(graphdef, s).embed(b)["joint"])
     single = jax.device_put(jax.device_get(state), jax.devices()[0])
-    expected, expected_ids = [], []
-    for batch, item_ids, _ in input_pipeline.create_eval_dataset(config, workdir, "dev"):
+    expected, expected_ids, expected_titles = [], [], []
+    for batch, item_ids, _, titles in input_pipeline.create_eval_dataset(config, workdir, "dev"):
         valid = batch["valid"] == 1
         expected.append(np.asarray(embed(single, batch))[valid])
         expected_ids += list(item_ids[valid])
-    assert ids == expected_ids and ids == list(read_split(config, "dev"))
-    assert labels == list(read_split(config, "dev").values())
-    np.testing.assert_allclose(features["joint"], np.concatenate(expected), atol=1e-5)
-    assert features["visual"].shape == features["text"].shape == (16, config.model.out_dim)
+        expected_titles += [t for t, ok in zip(titles, valid) if ok]
+    assert dev.ids == expected_ids and dev.ids == list(read_split(config, "dev"))
+    assert dev.labels == list(read_split(config, "dev").values())
+    assert dev.titles == expected_titles and any(dev.titles)
+    np.testing.assert_allclose(dev.features["joint"], np.concatenate(expected), atol=1e-5)
+    assert set(dev.features) == {*capture.FEATURE_KINDS, "color_histogram"}
+    assert dev.features["visual"].shape == dev.features["text"].shape == (16, config.model.out_dim)
+    hist = dev.features["color_histogram"]
+    assert hist.shape == (16, 512) and (hist >= 0).all()
+    np.testing.assert_allclose(np.linalg.norm(hist, axis=1), 1, atol=1e-5)
 
 
-def test_evaluate_writes_official_files_and_scores(setup, evaluated):
+def test_ground_truth_keeps_rows_the_build_skipped(setup):
+    """The metadata holds every gallery row of the text file, the unbuilt ones included, with the
+    labels the official rules read (spaces kept)."""
+    config = setup[0]
+    gt = retrieval.load_ground_truth(config)
+    from tfds_product1m import product1m_files
+    official = product1m_files.read_official_labels(
+        os.path.join(raw_dir(config), "product1m_gallery_ossurl_v2.txt"))
+    assert gt.gallery == {g: ls[0] for g, ls in official.labels.items()}
+    built = set(read_split(config, "gallery"))
+    skipped = set(gt.gallery) - built
+    assert len(skipped) >= 2  # missing_image, corrupt_image (and the space-padded id).
+    assert any("spaces" in w for w in gt.warnings)
+    note = retrieval.unreachable_note("dev", gt, built)
+    assert f"{len(skipped)} of the {len(gt.gallery)} gallery rows" in note
+
+
+def test_in_run_scores_equal_the_scoring_command_and_the_official_script(setup, evaluated,
+                                                                         tmp_path):
     config, workdir, *_ = setup
-    results, writer = evaluated
-    gallery = {gid: ls[0] for gid, ls in read_split(config, "gallery").items()}
-    kinds = ("joint", "visual", "text")
-    assert set(results) == {f"{s}/{k}" for s in ("dev", "test") for k in kinds}
+    scores = evaluated
+    gt_dir = raw_dir(config)
+    num_gallery = len(read_split(config, "gallery"))
+    # The official script stops on the synthetic files' blank and short lines; ours leaves them
+    # out (with a warning). The port runs on copies without them.
+    usable = tmp_path / "usable_gt"
+    usable.mkdir()
+    for name in os.listdir(gt_dir):
+        if name.endswith("_ossurl_v2.txt"):
+            with open(os.path.join(gt_dir, name), encoding="utf-8", newline="") as f:
+                lines = [x for x in f.readlines() if len(x.strip().split("#####")) >= 5]
+            (usable / name).write_bytes("".join(lines).encode())
     for split in ("dev", "test"):
-        query_labels = read_split(config, split)
-        for kind in ("joint", "visual", "text"):
+        query_ids = set(read_split(config, split))
+        for kind in KINDS:
             out = os.path.join(workdir, "retrieval", split, kind)
-            lines = open(os.path.join(out, "retrieval_id_list.txt"), encoding="utf-8").read()
-            lines = lines.splitlines()
-            assert len(lines) == len(query_labels) == 16
+            ret = os.path.join(out, "retrieval_id_list.txt")
+            lines = open(ret, encoding="utf-8").read().splitlines()
+            assert len(lines) == len(query_ids) == 16
             for line in lines:
                 qid, *ids = line.split(",")
-                assert qid in query_labels and 1 <= len(ids) <= 100 and set(ids) <= set(gallery)
-                assert len(ids) == len(set(ids)) == min(100, len(gallery))
-            entries = metrics.read_retrieval_file(os.path.join(out, "retrieval_id_list.txt"))
-            recomputed, _ = metrics.score([r for _, r in entries],
-                                          [query_labels[q] for q, _ in entries], gallery)
-            assert results[f"{split}/{kind}"] == recomputed
-            written = json.load(open(os.path.join(out, "metric_results.json")))
-            assert set(written) == {"top10", "top50", "top100"}
-            assert all(set(v) == {"mAP", "Prec", "mAR"} for v in written.values())
-            assert written == recomputed  # JSON floats round-trip exactly.
-            assert writer.scalars[(7, f"retrieval/{split}/{kind}/mAP@10")] == pytest.approx(
-                recomputed["top10"]["mAP"])
-            report = open(os.path.join(out, "report.html"), encoding="utf-8").read()
-            assert report.count('src="data:image/jpeg;base64,') == 5 * 11  # 5 queries + top 10
-            assert "✓" in report or "✗" in report
+                assert qid in query_ids and len(ids) == len(set(ids)) == min(100, num_gallery)
+            written = open(os.path.join(out, "metric_results.json"), "rb").read()
+            metrics.main(["--gt_dir", gt_dir, "--retrieval_file", ret,
+                          "--output_dir", str(tmp_path / split / kind)])
+            assert (tmp_path / split / kind / "metric_results.json").read_bytes() == written
+            official_rules.write_json(tmp_path / "official.json",
+                                      official_rules.score_files(str(usable), ret))
+            assert (tmp_path / "official.json").read_bytes() == written
+            values = json.loads(written)
+            assert all(0 <= v <= 1 for s in values.values() for v in s.values())
+            assert scores[f"retrieval/{split}/{kind}/mAP@10"] == 100 * values["top10"]["mAP"]
+            page = open(os.path.join(out, "report.html"), encoding="utf-8").read()
+            assert page.count('src="data:image/jpeg;base64,') == 5 * 11  # 5 queries + top 10
+            assert "AP@10" in page and "gallery positives" in page and "evenly spaced" in page
 
 
-def test_known_answer_ranking_scores_100(setup, monkeypatch):
+def test_index_lists_every_kind_and_baseline_with_links(setup, evaluated):
+    workdir = setup[1]
+    page = open(os.path.join(workdir, "retrieval", "index.html"), encoding="utf-8").read()
+    for split in ("dev", "test"):
+        for kind in KINDS:
+            assert f'href="{split}/{kind}/report.html"' in page
+    assert "joint (headline)" in page and "tiny-test" in page and "step" in page
+    assert "no ranking can retrieve" in page  # The unreachable positives are reported.
+
+
+def test_known_answer_ranking_scores_1(setup, monkeypatch):
     """Gallery items of label j are e_j; a query is the sum of its labels' e_j: positives first."""
     config, workdir, graphdef, state, mesh, rules = setup
     rng = np.random.default_rng(3)
@@ -187,55 +227,107 @@ def test_known_answer_ranking_scores_100(setup, monkeypatch):
     eye = np.eye(30, dtype=np.float32)
     g_feats = eye[[labels.index(ls[0]) for ls in g_labels]]
     q_feats = np.stack([eye[[labels.index(label) for label in ls]].sum(0) for ls in q_labels])
+    ids = {s: [f"{s}{i:04d}" for i in range(n)] for s, n in (("gallery", 90), ("dev", 20),
+                                                              ("test", 20))}
 
     def fake_embed_split(config, workdir, graphdef, model_state, mesh, rules, split):
         feats, ls = (g_feats, g_labels) if split == "gallery" else (q_feats, q_labels)
-        ids = [f"{split}{i:04d}" for i in range(len(ls))]
-        return {"joint": feats, "visual": feats, "text": feats}, ids, ls
+        return retrieval.Embedded({k: feats for k in capture.FEATURE_KINDS}, ids[split], ls,
+                                  [""] * len(ls))
 
+    gt = retrieval.GroundTruth(dict(zip(ids["gallery"], (ls[0] for ls in g_labels))),
+                               {s: dict(zip(ids[s], map(tuple, q_labels))) for s in ("dev", "test")},
+                               [])
     monkeypatch.setattr(retrieval, "embed_split", fake_embed_split)
+    monkeypatch.setattr(retrieval, "load_ground_truth", lambda config: gt)
     config = ml_collections.ConfigDict(config.to_dict())
-    config.eval.report_queries = 0
-    results = retrieval.evaluate(config, workdir + "/known", graphdef, state, mesh, rules, step=0)
-    for scores in results.values():
-        assert scores == {f"top{n}": {"mAP": 100.0, "Prec": 100.0, "mAR": 100.0}
-                          for n in (10, 50, 100)}
+    config.eval.update(report_queries=0, baselines=())
+    scores = dict(retrieval.evaluate(config, workdir + "/known", graphdef, state, mesh, rules,
+                                     step=0))
+    assert len(scores) == 2 * len(capture.FEATURE_KINDS) * 9
+    assert all(v == 100.0 for v in scores.values())
+
+
+def test_tfidf_equals_a_dense_computation():
+    titles = ["雅莉诗 小黑瓶精华 30ml", "雅莉诗小黑瓶面霜 正品", "YALISHI 玻尿酸水", "兰若 樱花口红",
+              "兰若樱花 口红 包邮", ""]
+    queries = ["雅莉诗小黑瓶 套装", "樱花口红", "ZZZ"]
+    tfidf = baselines.TfIdf(titles)
+    grams = sorted(tfidf.vocab, key=tfidf.vocab.get)
+
+    def dense(t):
+        t = t.lower()
+        v = np.array([sum(t[i:i + len(g)] == g for i in range(len(t) - len(g) + 1))
+                      for g in grams], float) * tfidf.idf
+        return v / max(np.linalg.norm(v), 1e-12)
+
+    df = np.array([sum(g in t.lower() for t in titles) for g in grams])
+    np.testing.assert_allclose(tfidf.idf, np.log(7 / (1 + df)) + 1)
+    scores = np.stack([dense(q) for q in queries]) @ np.stack([dense(t) for t in titles]).T
+    want = np.argsort(-scores, axis=1, kind="stable")[:, :4]
+    np.testing.assert_array_equal(tfidf.top_k(queries, 4), want)
+    assert list(tfidf.top_k(queries, 4)[1][:2]) == [3, 4]
+
+
+def test_image_baselines_and_their_front_ends():
+    image = np.zeros((2, 4, 4, 3), np.float32)
+    image[1, :2] = 1.0  # Half white.
+    mean, std = np.array([0.5, 0.4, 0.3]), np.array([0.2, 0.2, 0.2])
+    batch = {"image": (image - mean) / std, "visual_feats": np.ones((2, 3, 5), np.float32),
+             "visual_mask": np.array([[1, 1, 0], [1, 0, 0]], np.float32)}
+    out = baselines.image_features(batch, ("color_histogram", "region_mean"), mean, std)
+    hist = np.asarray(out["color_histogram"])
+    assert hist[0, 0] == pytest.approx(1) and hist[0, 1:].sum() == pytest.approx(0, abs=1e-6)
+    np.testing.assert_allclose(hist[1, [0, 511]], [np.sqrt(0.5)] * 2, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(out["region_mean"]), np.full((2, 5), 5 ** -0.5),
+                               rtol=1e-6)
+    with pytest.raises(ValueError, match="needs a regions front end"):
+        baselines.check(("region_mean",), "pixels")
+    with pytest.raises(ValueError, match="Unknown baseline"):
+        baselines.check(("bm25",), "pixels")
 
 
 # ------------------------------------------------------------------------------- report
-def test_report_renders_in_headless_chromium(setup, evaluated, tmp_path):
+def test_report_and_index_render_in_headless_chromium(setup, evaluated, tmp_path):
     chromium = shutil.which("chromium")
     if chromium is None:
         pytest.skip("chromium is not installed (apt-get install chromium)")
     from PIL import Image
 
-    report = os.path.join(setup[1], "retrieval", "dev", "joint", "report.html")
-    png = tmp_path / "report.png"
-    subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-                    "--no-first-run", "--disable-background-networking",
-                    "--disable-component-update", "--disable-sync",
-                    f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={png}",
-                    "--window-size=1200,1600", f"file://{report}"],
-                   check=True, capture_output=True, timeout=120)
-    pixels = np.asarray(Image.open(png).convert("RGB")).reshape(-1, 3).astype(int)
-    assert len(pixels) == 1200 * 1600
+    def screenshot(page, name):
+        png = tmp_path / f"{name}.png"
+        subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                        "--no-first-run", "--disable-background-networking",
+                        "--disable-component-update", "--disable-sync",
+                        f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={png}",
+                        "--window-size=1200,1600", f"file://{page}"],
+                       check=True, capture_output=True, timeout=120)
+        if os.environ.get("RETRIEVAL_SCREENSHOT"):  # A folder to keep the screenshots in.
+            shutil.copy(png, os.path.join(os.environ["RETRIEVAL_SCREENSHOT"], png.name))
+        pixels = np.asarray(Image.open(png).convert("RGB")).reshape(-1, 3).astype(int)
+        assert len(pixels) == 1200 * 1600
+        return pixels
 
-    def count(rgb):
+    def count(pixels, rgb):
         return int((np.abs(pixels - rgb).sum(1) < 40).sum())
 
-    assert count((0x1A, 0x8F, 0x2E)) + count((0xC6, 0x28, 0x28)) > 1000  # hit/miss borders
+    pixels = screenshot(os.path.join(setup[1], "retrieval", "dev", "joint", "report.html"),
+                        "report")
+    assert count(pixels, (0x1A, 0x8F, 0x2E)) + count(pixels, (0xC6, 0x28, 0x28)) > 1000  # borders
     assert len(np.unique(pixels[::97], axis=0)) > 200  # thumbnails drew (not a blank page)
-    if os.environ.get("RETRIEVAL_SCREENSHOT"):
-        shutil.copy(png, os.environ["RETRIEVAL_SCREENSHOT"])
+    pixels = screenshot(os.path.join(setup[1], "retrieval", "index.html"), "index")
+    assert count(pixels, (0xEA, 0xF6, 0xEA)) > 2000  # The best rows' background.
+    assert count(pixels, (0x22, 0x22, 0x22)) + count(pixels, (0x00, 0x00, 0xEE)) > 5000  # text
 
 
 def test_report_escapes_text_and_marks_hits(tmp_path):
     path = str(tmp_path / "report.html")
-    scores = {f"top{n}": {"mAP": 50.0, "Prec": 25.0, "mAR": 10.0} for n in (10, 50, 100)}
-    retrieval.write_report(path, "t<i>", scores, [("q1", ["a&b"], ["g1", "g2"])],
-                           {"g1": "a&b", "g2": "<script>x</script>"},
-                           {"g1": ("<b>title</b>", ""), "q1": ("", "")})
+    scores = {f"top{n}": {"mAP": 0.5, "Prec": 0.25, "mAR": 0.1} for n in (10, 50, 100)}
+    report.write_report(path, "t<i>", scores, [("q1", ["a&b"], ["g1", "g2"], 0.25, 7)],
+                        {"g1": "a&b", "g2": "<script>x</script>"},
+                        {"g1": ("<b>title</b>", ""), "q1": ("", "")}, "Shown: <all>.")
     text = open(path, encoding="utf-8").read()
     assert "<script>" not in text and "&lt;script&gt;" in text and "&lt;b&gt;title" in text
     assert text.count('class="g hit"') == 1 and text.count('class="g miss"') == 1
     assert "1/10 hits" in text and "(no title)" in text and "<td>50.00</td>" in text
+    assert "AP@10 25.0" in text and "7 gallery positives" in text and "Shown: &lt;all&gt;." in text

@@ -175,8 +175,12 @@ def test_main_sigterm_saves_the_current_step_and_the_next_start_resumes(data_dir
             lines = f.read().splitlines()
         assert len(lines) == 16 and all(len(line.split(",")) > 1 for line in lines)
         with open(os.path.join(kind_dir, "metric_results.json")) as f:
-            assert sorted(json.load(f)) == ["top10", "top100", "top50"]
+            scores = json.load(f)
+        assert list(scores) == ["top10", "top50", "top100"]
+        assert all(0 <= v <= 1 for s in scores.values() for v in s.values())  # Fractions.
         assert os.path.getsize(os.path.join(kind_dir, "report.html")) > 1000
+    assert os.path.isfile(os.path.join(workdir, "retrieval", "index.html"))
+    assert "retrieval dev at step" in result.stderr and "tfidf" in result.stderr
 
 
 def test_main_reports_missing_real_data_in_one_sentence(tmp_path):

@@ -1,41 +1,34 @@
-"""Retrieval evaluation: embed gallery and queries, rank exactly in JAX, score, write, report.
+"""Retrieval evaluation: embed gallery and queries, rank, score by the official rules, write.
 
-For every query split (dev, test) and feature kind (joint, visual, text) it writes, under
-`workdir/retrieval/<split>/<kind>/`: `retrieval_id_list.txt` (official format, `qid,g0,...,g99`),
-`metric_results.json` (official scores, percent) and `report.html` (a sample of queries with their
-top-10 gallery items, hit or miss, images embedded). Only process 0 writes; every process embeds
-and ranks (collectives).
+For every query split (dev, test) and every feature kind (`config.eval.feature_kinds`, described
+in `models.capture.FEATURE_KINDS`) and untrained baseline (`config.eval.baselines`, see
+`baselines.py`), process 0 writes under `workdir/retrieval/<split>/<kind>/`:
+`retrieval_id_list.txt` (official format, `qid,g0,...,g99`), `metric_results.json` (the official
+scores as fractions, as the authors' script writes them) and `report.html`; and
+`workdir/retrieval/index.html`, the table of all of them. Every process embeds and ranks
+(collectives); ranking is `ranker.top_k`.
 
-Ranking (`top_k`) is exact float32 dot-product top-k. The gallery is sharded by rows over all the
-devices of the mesh; each device scores a chunk of queries against its rows tile by tile and keeps a
-running top-k, then the per-device candidates are merged. Memory is bounded by query_chunk x
-gallery_tile scores per device, whatever the gallery size. Within a tile, rows are grouped in
-blocks of `_BLOCK`; the exact top-k lies in the k blocks with the largest maxima (every block
-ranked above an element's block holds an element at least as large), so only those k blocks are
-searched. Ties go to the lower gallery index, as in a stable numpy argsort of -scores: lax.top_k
-prefers the lower position, and every concatenation (selected blocks in index order, running
-list before the new tile, devices in row order) keeps positions in gallery-index order.
+Scores use the official ground truth kept with the built dataset (its metadata `ground_truth`:
+every row of the gallery/dev/test text files read by the official rules, also rows the build
+skipped for a missing image), so they equal `python -m capture_jax.metrics` run on the written
+`retrieval_id_list.txt` with the official text files, and positives whose rows were never built
+count as misses, as they do for the official script.
 """
 
-import base64
-import html
-import io
+import dataclasses
 import json
 import os
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
 from flax import nnx
 from jax.experimental import multihost_utils
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from capture_jax import input_pipeline, metrics, sharding
-
-_BLOCK = 32  # Gallery rows per block of the block-maximum pruning (see the module docstring).
-_THUMB = 128  # Longest side of the report's thumbnails, in pixels.
+from capture_jax.evaluators import baselines, ranker, report
+from capture_jax.models import capture
 
 
 def eval_config() -> ml_collections.ConfigDict:
@@ -43,7 +36,12 @@ def eval_config() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(dict(
         gallery_split="gallery",  # split ranked for every query (one label per item)
         query_splits=("dev", "test"),  # query splits; each gets its own files and scores
-        feature_kinds=("joint", "visual", "text"),  # keys of CaptureModel.embed to rank with
+        # Model features to rank with (keys of models.capture.FEATURE_KINDS).
+        feature_kinds=tuple(capture.FEATURE_KINDS),
+        headline="joint",  # the kind a variant reports as its result (logged first, marked)
+        # Untrained baselines in the same evaluation (baselines.BASELINES); the image one must
+        # fit the front end: color_histogram for pixels, region_mean for regions.
+        baselines=("tfidf", "color_histogram"),
         top_k=100,  # gallery ids written per query (the official scores use up to 100)
         query_chunk=1024,  # queries ranked at once; memory = query_chunk x gallery_tile floats
         gallery_tile=32768,  # gallery rows per device scored at once
@@ -51,123 +49,34 @@ def eval_config() -> ml_collections.ConfigDict:
     ))
 
 
-# ------------------------------------------------------------------------------------ ranking
-_RANKERS = {}
-
-
-def _ranker(mesh, chunk: int, dim: int, k: int, num_valid: int, rows: int, tile: int):
-    """Jitted (init, step, merge). Device d owns gallery rows [d * rows, (d + 1) * rows), fed as
-    tiles of `tile` rows; `step(q, tile_rows, best_v, best_i, t)` folds tile t into each device's
-    running top-k [devices, chunk, k]; `merge` gives the replicated top-k [chunk, k]."""
-    key = (mesh, chunk, dim, k, num_valid, rows, tile)
-    if key in _RANKERS:
-        return _RANKERS[key]
-    axes, n, nb = mesh.axis_names, mesh.size, tile // _BLOCK
-    dims = (((1,), (1,)), ((), ()))
-
-    def per_device(q, g, best_v, best_i, t):
-        base = jax.lax.axis_index(axes) * rows + t * tile
-        s = jax.lax.dot_general(q, g, dims, precision=jax.lax.Precision.HIGHEST,
-                                preferred_element_type=jnp.float32)
-        ids = base + jnp.arange(tile, dtype=jnp.int32)
-        if nb > k:  # Prune: search only the k blocks with the largest maxima.
-            masked = jnp.where(ids < num_valid, s, -jnp.inf).reshape(chunk, nb, _BLOCK)
-            _, blocks = jax.lax.top_k(masked.max(-1), k)
-            blocks = jnp.sort(blocks, axis=-1)  # Index order, for the tie rule.
-            pos = (blocks[:, :, None] * _BLOCK + jnp.arange(_BLOCK)).reshape(chunk, -1)
-            cand = jnp.take_along_axis(s, pos, axis=1)
-            cand = jnp.where(base + pos < num_valid, cand, -jnp.inf)
-        else:
-            pos = jnp.broadcast_to(jnp.arange(tile, dtype=jnp.int32), s.shape)
-            cand = jnp.where(ids < num_valid, s, -jnp.inf)
-        v, p = jax.lax.top_k(cand, k)
-        v = jnp.concatenate([best_v[0], v], 1)  # Earlier tiles (lower indices) first.
-        i = jnp.concatenate([best_i[0], base + jnp.take_along_axis(pos, p, axis=1)], 1)
-        v, p = jax.lax.top_k(v, k)
-        return v[None], jnp.take_along_axis(i, p, axis=1)[None]
-
-    def merge(v, i):
-        v, i = (x.transpose(1, 0, 2).reshape(chunk, n * k) for x in (v, i))  # Device order.
-        v, p = jax.lax.top_k(v, k)
-        return v, jnp.take_along_axis(i, p, axis=1)
-
-    sharded, replicated = NamedSharding(mesh, P(axes)), NamedSharding(mesh, P())
-    init = jax.jit(lambda: (jnp.full((n, chunk, k), -jnp.inf, jnp.float32),
-                            jnp.full((n, chunk, k), -1, jnp.int32)),
-                   out_shardings=(sharded, sharded))
-    step = jax.jit(jax.shard_map(per_device, mesh=mesh, out_specs=(P(axes), P(axes)),
-                                 in_specs=(P(), P(axes), P(axes), P(axes), P())),
-                   donate_argnums=(2, 3))
-    _RANKERS[key] = init, step, jax.jit(merge, out_shardings=(replicated, replicated))
-    return _RANKERS[key]
-
-
-def _put(array: np.ndarray, sharding, shape, source_row=lambda row: row) -> jax.Array:
-    """Host rows -> global jax.Array of `shape`; global row r holds array[source_row(r)] (a
-    contiguous run per shard), zeros past the array's end."""
-    def shard(index):
-        start, stop, _ = index[0].indices(shape[0])
-        a, b = source_row(start), source_row(start) + stop - start
-        if b <= len(array):
-            return array[a:b]
-        out = np.zeros((b - a, *shape[1:]), np.float32)
-        out[:max(len(array) - a, 0)] = array[a:len(array)]
-        return out
-    return jax.make_array_from_callback(shape, sharding, shard)
-
-
-def query_chunk_size(num_queries: int, query_chunk: int) -> int:
-    """Queries per ranker call: balanced chunks of at most ~query_chunk, a multiple of 8."""
-    return -(-num_queries // -(-num_queries // query_chunk) // 8) * 8
-
-
-def top_k(queries, gallery, k: int, mesh, *, query_chunk: int = 1024,
-          gallery_tile: int = 32768) -> tuple[np.ndarray, np.ndarray]:
-    """Exact top-k of queries @ gallery.T: (scores [Q, k'], gallery indices [Q, k']), best first.
-
-    k' = min(k, G). Ties go to the lower gallery index. `queries` [Q, D] and `gallery` [G, D] are
-    host arrays, the same on every process; the result is returned on every process.
-    """
-    queries = np.asarray(queries, np.float32)
-    gallery = np.asarray(gallery, np.float32)
-    (num_q, dim), num_g = queries.shape, gallery.shape[0]
-    if num_g == 0 or gallery.shape[1] != dim:
-        raise ValueError(f"Cannot rank queries {queries.shape} against gallery {gallery.shape}.")
-    k = min(k, num_g)
-    if num_q == 0:
-        return np.zeros((0, k), np.float32), np.zeros((0, k), np.int32)
-    n = mesh.size
-    rows = max(-(-num_g // n), k)  # Gallery rows per device, before padding.
-    num_tiles = max(1, min(-(-rows // gallery_tile), rows // k))  # Tiles of at least k rows.
-    tile = -(-rows // num_tiles // _BLOCK) * _BLOCK
-    rows = num_tiles * tile
-    sharded = NamedSharding(mesh, P(mesh.axis_names))
-    tiles = [_put(gallery, sharded, (n * tile, dim),
-                  lambda r, t=t: r // tile * rows + t * tile + r % tile) for t in range(num_tiles)]
-    chunk = query_chunk_size(num_q, query_chunk)
-    init, step, merge = _ranker(mesh, chunk, dim, k, num_g, rows, tile)
-    outputs = []
-    for s in range(0, num_q, chunk):
-        q = _put(queries[s:s + chunk], NamedSharding(mesh, P()), (chunk, dim))
-        best = init()
-        for t, g in enumerate(tiles):
-            best = step(q, g, *best, np.int32(t))
-        outputs.append(merge(*best))
-    scores, indices = (np.concatenate([np.asarray(o[j].addressable_data(0)) for o in outputs])
-                       for j in (0, 1))
-    return scores[:num_q], indices[:num_q]
+def check_eval_config(config: ml_collections.ConfigDict) -> None:
+    """One sentence for a feature kind, headline or baseline the evaluation cannot produce."""
+    ec = config.eval
+    unknown = [k for k in ec.feature_kinds if k not in capture.FEATURE_KINDS]
+    if unknown:
+        raise ValueError(f"Unknown feature kinds {unknown} in config.eval.feature_kinds; choose "
+                         f"from {list(capture.FEATURE_KINDS)}.")
+    baselines.check(ec.baselines, config.model.visual.kind)
+    if ec.headline not in (*ec.feature_kinds, *ec.baselines):
+        raise ValueError(f"config.eval.headline={ec.headline!r} is not among the evaluated kinds "
+                         f"{[*ec.feature_kinds, *ec.baselines]}: add it to feature_kinds.")
 
 
 # ---------------------------------------------------------------------------------- embedding
 _EMBEDDERS = {}
 
 
-def _embedder(graphdef, model_state, mesh, rules):
-    """Jitted (state, batch) -> (features dict, valid, row), all batch-sharded; cached."""
-    key = (graphdef, mesh, rules)
+def _embedder(graphdef, model_state, mesh, rules, image_baselines: tuple[str, ...]):
+    """Jitted (state, batch) -> (features dict, valid, row), all batch-sharded; cached. The
+    features are the model's kinds and the image baselines'."""
+    key = (graphdef, mesh, rules, image_baselines)
     if key not in _EMBEDDERS:
         def embed(state, batch):
-            return nnx.merge(graphdef, state).embed(batch), batch["valid"], batch["row"]
+            features = nnx.merge(graphdef, state).embed(batch)
+            features.update(baselines.image_features(batch, image_baselines,
+                                                     input_pipeline.IMAGENET_MEAN,
+                                                     input_pipeline.IMAGENET_STD))
+            return features, batch["valid"], batch["row"]
         batch_sh = sharding.batch_sharding(mesh, rules)
         _EMBEDDERS[key] = jax.jit(
             embed, in_shardings=(sharding.state_shardings(model_state, mesh, rules), batch_sh),
@@ -188,21 +97,31 @@ def _allgather_strings(strings: list[str]) -> list[str]:
             multihost_utils.process_allgather(buf, tiled=True)]
 
 
-def embed_split(config, workdir: str, graphdef, model_state, mesh, rules, split: str
-                ) -> tuple[dict[str, np.ndarray], list[str], list[list[str]]]:
-    """({kind: features [N, D]}, item ids, labels) of `split`, valid rows in dataset order, on
-    every process."""
+@dataclasses.dataclass
+class Embedded:
+    """One split's valid rows in dataset order, on every process."""
+
+    features: dict[str, np.ndarray]  # kind -> [N, D]: model kinds and image baselines
+    ids: list[str]
+    labels: list[list[str]]  # as built (the scores use the official ground truth instead)
+    titles: list[str]
+
+
+def embed_split(config, workdir: str, graphdef, model_state, mesh, rules, split: str) -> Embedded:
+    """Features, ids, labels and titles of `split`'s valid rows, in dataset order."""
     ds = input_pipeline.create_eval_dataset(config, workdir, split)
     batch_sh = sharding.batch_sharding(mesh, rules)
     rows_per_host = len(ds) * ds.batch_size
+    image_baselines = tuple(b for b in config.eval.baselines if b in baselines.IMAGE_BASELINES)
     outputs, records = [], []
     with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
-        embed = _embedder(graphdef, model_state, mesh, rules)
-        for b, (batch, item_ids, labels) in enumerate(ds):
+        embed = _embedder(graphdef, model_state, mesh, rules, image_baselines)
+        for b, (batch, item_ids, labels, titles) in enumerate(ds):
             start = jax.process_index() * rows_per_host + b * ds.batch_size
             batch["row"] = np.arange(start, start + len(item_ids), dtype=np.int32)
             outputs.append(embed(model_state, input_pipeline.make_global_batch(batch, batch_sh)))
-            records += [json.dumps([i, ls], ensure_ascii=False) for i, ls in zip(item_ids, labels)]
+            records += [json.dumps([i, ls, t], ensure_ascii=False)
+                        for i, ls, t in zip(item_ids, labels, titles)]
     features, valid, row = jax.tree.map(lambda *xs: np.concatenate(xs),
                                         *multihost_utils.process_allgather(outputs, tiled=True))
     records = [json.loads(r) for r in _allgather_strings(records)]
@@ -214,136 +133,148 @@ def embed_split(config, workdir: str, graphdef, model_state, mesh, rules, split:
             raise FloatingPointError(f"The model gives non-finite {kind} features on {split}: "
                                      "the checkpoint or the training run diverged.")
     records = [records[r] for r in row[keep]]
-    return features, [r[0] for r in records], [r[1] for r in records]
+    return Embedded(features, *(list(column) for column in zip(*records))) if records else \
+        Embedded(features, [], [], [])
 
 
-# ------------------------------------------------------------------------------------- report
-def _read_items(config, split: str, wanted: set[str]) -> dict[str, tuple[str, str]]:
-    """{id: (title, thumbnail data URI)} for the `wanted` ids of `split`, read from TFDS.
+# ------------------------------------------------------------------------------ ground truth
+@dataclasses.dataclass
+class GroundTruth:
+    """The official labels of every gallery/query row of the text files (not only those built)."""
 
-    The URI is "" (the report draws a placeholder) when the dataset stores no images (the
-    region-feature configs) or an image does not decode.
-    """
-    import tensorflow_datasets as tfds
-    from PIL import Image
-
-    builder = tfds.builder(config.dataset.name, data_dir=config.dataset.data_dir)
-    has_images = "image" in builder.info.features
-    ds = builder.as_dataset(
-        split=split, shuffle_files=False,
-        decoders={"image": tfds.decode.SkipDecoding()} if has_images else None,
-        read_config=tfds.ReadConfig(try_autocache=False))
-    items = {}
-    for ex in tfds.as_numpy(ds):
-        if ex["id"].decode() not in wanted:
-            continue
-        uri = ""
-        if not has_images:
-            items[ex["id"].decode()] = (ex["title"].decode(), uri)
-            continue
-        try:
-            image = Image.open(io.BytesIO(ex["image"])).convert("RGB")
-            image.thumbnail((_THUMB, _THUMB))
-            buf = io.BytesIO()
-            image.save(buf, "JPEG", quality=85)
-            uri = "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
-        except Exception as e:  # A bad image must not stop the evaluation.
-            logging.warning("report: cannot decode the image of %s: %s", ex["id"], e)
-        items[ex["id"].decode()] = (ex["title"].decode(), uri)
-    return items
+    gallery: dict[str, str]  # gallery id -> its (first) label
+    queries: dict[str, dict[str, tuple[str, ...]]]  # split -> query id -> labels
+    warnings: list[str]
 
 
-_CSS = """body{font-family:sans-serif;margin:16px;color:#222}table.s{border-collapse:collapse}
-table.s td,table.s th{border:1px solid #bbb;padding:3px 10px;text-align:right}
-.q{display:flex;gap:12px;border-top:2px solid #888;padding:10px 0}
-.query{width:170px;flex:none;background:#eef3fb;padding:6px}
-.hits{display:grid;grid-template-columns:repeat(5,150px);gap:8px}
-.g{border:3px solid;padding:4px;font-size:12px}.hit{border-color:#1a8f2e}.miss{border-color:#c62828}
-.mark{font-weight:bold;font-size:16px}.hit .mark{color:#1a8f2e}.miss .mark{color:#c62828}
-img{width:128px;height:128px;object-fit:contain;background:#ddd;display:block}
-.t{max-height:3.6em;overflow:hidden}.l{color:#555}"""
+def load_ground_truth(config) -> GroundTruth:
+    """The ground truth stored with the built dataset (see the builder's `ground_truth`)."""
+    builder = input_pipeline.get_builder(config)
+    stored = builder.info.metadata.get("ground_truth")
+    ec = config.eval
+    if stored is None:
+        raise ValueError(
+            f"Dataset {builder.info.full_name} in {builder.data_dir} was built without the "
+            "official ground truth (tfds_product1m < 1.1.0): rebuild it with this version "
+            "(tfds build tfds_product1m --config=... --data_dir=...) and evaluate again.")
+    missing = [s for s in (ec.gallery_split, *ec.query_splits) if s not in stored]
+    if missing:
+        raise ValueError(f"Dataset {builder.info.full_name} has no ground truth for splits "
+                         f"{missing} (its text files were absent at build time): build them or "
+                         "set config.eval.query_splits.")
+    from tfds_product1m import product1m_files  # noqa: F401  (registered with the builder)
+
+    warnings = []
+    for split in (ec.gallery_split, *ec.query_splits):
+        table = dataclasses.replace(product1m_files.OfficialLabels({}, [], 0, 0),
+                                    **{k: v for k, v in stored[split].items() if k != "labels"})
+        warnings += metrics.ground_truth_warnings(f"{split} text file", table)
+    gallery = {gid: labels[0] for gid, labels in stored[ec.gallery_split]["labels"].items()}
+    queries = {s: {q: tuple(ls) for q, ls in stored[s]["labels"].items()} for s in ec.query_splits}
+    return GroundTruth(gallery, queries, warnings)
 
 
-def write_report(path: str, title: str, scores: metrics.Scores, queries: list, gallery_labels,
-                 items: dict[str, tuple[str, str]]) -> None:
-    """Self-contained HTML: scores, then per query (id, labels, ranked ids) its top 10."""
-    e, names = html.escape, ("mAP", "Prec", "mAR")
-    img = lambda uri: f'<img src="{uri}" alt="">' if uri else '<img alt="no image">'
-    out = [f'<!doctype html><html><head><meta charset="utf-8"><title>{e(title)}</title>'
-           f'<style>{_CSS}</style></head><body><h1>{e(title)}</h1><table class="s"><tr><th></th>'
-           + "".join(f"<th>{m}</th>" for m in names) + "</tr>"]
-    out += [f"<tr><th>@{n[3:]}</th>" + "".join(f"<td>{s[m]:.2f}</td>" for m in names) + "</tr>"
-            for n, s in scores.items()]
-    out.append("</table><p>Green ✓: the item's label is one of the query's labels; red ✗: not.</p>")
-    for qid, labels, ranked in queries:
-        q_title, q_uri = items.get(qid, ("", ""))
-        hits = sum(gallery_labels.get(g) in labels for g in ranked[:10])
-        out.append(f'<div class="q"><div class="query">{img(q_uri)}<b>query {e(qid)}</b>'
-                   f'<div class="t">{e(q_title) or "(no title)"}</div><div class="l">labels: '
-                   f'{e(" | ".join(labels))}</div><b>{hits}/10 hits</b></div><div class="hits">')
-        for rank, gid in enumerate(ranked[:10], 1):
-            label = gallery_labels.get(gid)
-            hit, (g_title, g_uri) = label in labels, items.get(gid, ("", ""))
-            out.append(f'<div class="g {"hit" if hit else "miss"}">{img(g_uri)}'
-                       f'<span class="mark">{"✓" if hit else "✗"}</span> #{rank} {e(gid)}'
-                       f'<div class="t">{e(g_title)}</div>'
-                       f'<div class="l">{e(label or "(no label)")}</div></div>')
-        out.append("</div></div>")
-    with open(path, "w", encoding="utf-8") as f:
-        f.write("".join(out) + "</body></html>\n")
+def unreachable_note(split: str, gt: GroundTruth, built_gallery: set[str]) -> str:
+    """How many (query, positive) pairs point at gallery rows the build skipped."""
+    skipped = [g for g in gt.gallery if g not in built_gallery]
+    by_label: dict[str, int] = {}
+    for g in skipped:
+        by_label[gt.gallery[g]] = by_label.get(gt.gallery[g], 0) + 1
+    pairs = total = 0
+    counts: dict[str, int] = {}
+    for label in gt.gallery.values():
+        counts[label] = counts.get(label, 0) + 1
+    for labels in gt.queries[split].values():
+        distinct = set(labels)
+        pairs += sum(by_label.get(label, 0) for label in distinct)
+        total += sum(counts.get(label, 0) for label in distinct)
+    return (f"{split}: {len(skipped)} of the {len(gt.gallery)} gallery rows of the text file are "
+            f"not in the built gallery (skipped at build time); {pairs} of the {total} (query, "
+            f"gallery positive) pairs of the {len(gt.queries[split])} {split} queries point at "
+            "them, so no ranking can retrieve those positives.")
 
 
 # ----------------------------------------------------------------------------------- evaluate
 def evaluate(config, workdir: str, graphdef, model_state, mesh, rules, *, step: int,
-             writer=None) -> dict[str, dict]:
-    """Embeds, ranks and scores every query split and feature kind: {"split/kind": scores}.
+             run_info: dict | None = None) -> list[tuple[str, float]]:
+    """Embeds, ranks, scores and writes every query split x (feature kind, baseline).
 
-    Process 0 writes workdir/retrieval/<split>/<kind>/{retrieval_id_list.txt,
-    metric_results.json, report.html} and the scalars `retrieval/<split>/<kind>/mAP@10`, ...
+    Returns `(name, value)` pairs for the trainer to write: `retrieval/<split>/<kind>/mAP@10`
+    etc. in percent. The official fractions go to the files.
     """
     ec = config.eval
-    g_feats, g_ids, g_labels = embed_split(config, workdir, graphdef, model_state, mesh, rules,
-                                           ec.gallery_split)
-    gallery_labels = {gid: ls[0] for gid, ls in zip(g_ids, g_labels) if ls}
-    g_ids = np.asarray(g_ids)
-    results, scalars, main = {}, {}, jax.process_index() == 0
+    check_eval_config(config)
+    gt = load_ground_truth(config)
+    gallery = embed_split(config, workdir, graphdef, model_state, mesh, rules, ec.gallery_split)
+    g_ids = np.asarray(gallery.ids)
+    kinds = (*ec.feature_kinds, *ec.baselines)
+    tfidf = baselines.TfIdf(gallery.titles) if "tfidf" in ec.baselines else None
+    results, main = {}, jax.process_index() == 0
+    notes = list(gt.warnings)
     for split in ec.query_splits:
-        q_feats, q_ids, q_labels = embed_split(config, workdir, graphdef, model_state, mesh,
-                                               rules, split)
-        sample = np.unique(np.linspace(0, len(q_ids) - 1, ec.report_queries).astype(int))
-        ranked_by_kind = {}
-        for kind in ec.feature_kinds:
-            with jax.set_mesh(mesh):
-                _, indices = top_k(q_feats[kind], g_feats[kind], ec.top_k, mesh,
-                                   query_chunk=ec.query_chunk, gallery_tile=ec.gallery_tile)
+        queries = embed_split(config, workdir, graphdef, model_state, mesh, rules, split)
+        labels = [gt.queries[split].get(q) for q in queries.ids]
+        notes.append(unreachable_note(split, gt, set(gallery.ids)))
+        logging.info("retrieval %s: %s", split, notes[-1])
+        sample, chosen = report.sample_queries(len(queries.ids), ec.report_queries)
+        ranked_by_kind, per_query_by_kind, logged = {}, {}, set()
+        for kind in kinds:
+            if kind == "tfidf":
+                indices = tfidf.top_k(queries.titles, ec.top_k)
+            else:
+                with jax.set_mesh(mesh):
+                    _, indices = ranker.top_k(queries.features[kind], gallery.features[kind],
+                                              ec.top_k, mesh, query_chunk=ec.query_chunk,
+                                              gallery_tile=ec.gallery_tile)
             ranked = ranked_by_kind[kind] = g_ids[indices]
-            scores, warnings = metrics.score(ranked, q_labels, gallery_labels, query_ids=q_ids)
+            scores, warnings = metrics.score(ranked, labels, gt.gallery, query_ids=queries.ids)
+            per_query_by_kind[kind], _ = metrics.per_query_scores(
+                ranked[sample], [labels[i] for i in sample], gt.gallery, ns=(10,))
             results[f"{split}/{kind}"] = scores
-            for n, s in scores.items():
-                scalars.update({f"retrieval/{split}/{kind}/{m}@{n[3:]}": v for m, v in s.items()})
-            logging.info("retrieval %s/%s step %d: %s", split, kind, step, "  ".join(
-                f"{n}: mAP {s['mAP']:.2f} Prec {s['Prec']:.2f} mAR {s['mAR']:.2f}"
-                for n, s in scores.items()))
-            for warning in warnings:
-                logging.warning("retrieval %s/%s: %s", split, kind, warning)
+            for warning in warnings:  # Each once per split: most hold for every kind.
+                if warning not in logged:
+                    logging.warning("retrieval %s (%s and maybe other kinds): %s", split, kind,
+                                    warning)
+                    logged.add(warning)
             if main:
                 out_dir = os.path.join(workdir, "retrieval", split, kind)
                 os.makedirs(out_dir, exist_ok=True)
                 metrics.write_retrieval_file(os.path.join(out_dir, "retrieval_id_list.txt"),
-                                             q_ids, ranked)
-                with open(os.path.join(out_dir, "metric_results.json"), "w") as f:
-                    json.dump(scores, f, indent=2)
+                                             queries.ids, ranked)
+                metrics.write_scores(os.path.join(out_dir, "metric_results.json"), scores)
+        _log_table(split, step, {k: results[f"{split}/{k}"] for k in kinds}, ec.headline)
         if main and len(sample):
             wanted = {g for r in ranked_by_kind.values() for g in r[sample, :10].flat}
-            items = _read_items(config, ec.gallery_split, wanted)
-            items.update(_read_items(config, split, {q_ids[i] for i in sample}))
+            items = report.read_items(config, ec.gallery_split, wanted)
+            items.update(report.read_items(config, split, {queries.ids[i] for i in sample}))
             for kind, ranked in ranked_by_kind.items():
-                write_report(os.path.join(workdir, "retrieval", split, kind, "report.html"),
-                             f"CAPTURE retrieval: {split} queries, {kind} features, step {step}",
-                             results[f"{split}/{kind}"],
-                             [(q_ids[i], q_labels[i], list(ranked[i])) for i in sample],
-                             gallery_labels, items)
-    if writer is not None and main:
-        writer.write_scalars(step, scalars)
-        writer.flush()
-    return results
+                positives = [_positives(labels[i], gt.gallery) for i in sample]
+                shown = [(queries.ids[i], labels[i] or (), list(ranked[i]), ap, p) for i, ap, p in
+                         zip(sample, per_query_by_kind[kind][10]["AP"], positives)]
+                report.write_report(
+                    os.path.join(workdir, "retrieval", split, kind, "report.html"),
+                    f"CAPTURE retrieval: {split} queries, {kind}, step {step}",
+                    results[f"{split}/{kind}"], shown, gt.gallery, items, chosen)
+    if main:
+        descriptions = {**capture.FEATURE_KINDS, **baselines.DESCRIPTIONS}
+        info = {"step": step, **(run_info or {}), "config": json.loads(config.to_json_best_effort())}
+        report.write_index(os.path.join(workdir, "retrieval", "index.html"),
+                           f"CAPTURE retrieval at step {step}", results, descriptions,
+                           ec.headline, ec.baselines, info, notes)
+    return [(f"retrieval/{key}/{m}@{n[3:]}", 100 * v) for key, scores in results.items()
+            for n, s in scores.items() for m, v in s.items()]
+
+
+def _positives(labels, gallery: dict[str, str]) -> int:
+    """Number of gallery rows (of the text file) whose label is one of `labels`."""
+    wanted = set(labels or ())
+    return sum(label in wanted for label in gallery.values())
+
+
+def _log_table(split: str, step: int, scores: dict[str, metrics.Scores], headline: str) -> None:
+    """One log line per kind (headline first), in percent, so a run shows how kinds compare."""
+    order = [headline, *(k for k in scores if k != headline)]
+    width = max(map(len, order))
+    lines = [f"retrieval {split} at step {step} (percent; {headline} is the headline):"]
+    lines += [f"  {kind:<{width}}  {metrics.percent(scores[kind])}" for kind in order]
+    logging.info("\n".join(lines))

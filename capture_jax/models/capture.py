@@ -380,8 +380,9 @@ class CaptureModel(nnx.Module):
                                 remat=c.text.remat)
         visual = layers.run_stack(self.visual_layers, visual, visual_bias,
                                   keys=stack_keys[n_t:n_t + n_v], remat=c.visual.remat)
-        clr_text = jax.nn.relu(self.text_pooler(text[:, 0]))
-        clr_visual = jax.nn.relu(self.visual_pooler(visual[:, 0]))
+        text_first, visual_first = text[:, 0], visual[:, 0]  # Single-stream first tokens.
+        clr_text = jax.nn.relu(self.text_pooler(text_first))
+        clr_visual = jax.nn.relu(self.visual_pooler(visual_first))
         text, visual = layers.run_stack(self.co_layers, (text, visual), text_bias, visual_bias,
                                         keys=stack_keys[n_t + n_v:], remat=c.co.remat)
         joint = self.joint(jnp.concatenate([text, visual], axis=1),
@@ -390,7 +391,7 @@ class CaptureModel(nnx.Module):
         s_text = jax.nn.relu(self.text_out(joint[:, :t_len]))
         s_visual = jax.nn.relu(self.visual_out(joint[:, t_len:]))
         return dict(s_text=s_text, s_visual=s_visual, clr_text=clr_text, clr_visual=clr_visual,
-                    mrm_targets=targets)
+                    mrm_targets=targets, stream_text=text_first, stream_visual=visual_first)
 
     def __call__(self, batch: Batch, *, train: bool,
                  dropout_key: jax.Array | None = None) -> dict[str, Array]:
@@ -410,6 +411,7 @@ class CaptureModel(nnx.Module):
                              "jax.random.fold_in(root_key, step).")
         enc = self._encode(batch, dropout_key if train else None)
         s_text, s_visual = enc.pop("s_text"), enc.pop("s_visual")
+        del enc["stream_text"], enc["stream_visual"]  # Retrieval features only (`embed`).
         mlm_inputs, extra = s_text, {}
         if self.config.mlm_max_predictions > 0:
             if "mlm_labels" not in batch:
@@ -425,9 +427,34 @@ class CaptureModel(nnx.Module):
                     mlm_logits=mlm_logits, mrm_pred=mrm_pred)
 
     def embed(self, batch: Batch) -> dict[str, Array]:
-        """Retrieval features (deterministic, no training heads): `visual` and `text` are the
-        pooled joint outputs [B, out_dim]; `joint` = concat(L2norm(visual), L2norm(text))."""
+        """Retrieval features by kind (`FEATURE_KINDS`), deterministic, no training heads."""
         enc = self._encode(batch, None)
-        visual, text = enc["s_visual"][:, 0], enc["s_text"][:, 0]
-        joint = jnp.concatenate([layers.l2_normalize(visual), layers.l2_normalize(text)], axis=-1)
-        return dict(visual=visual, text=text, joint=joint)
+        return retrieval_features(enc["s_text"][:, 0], enc["s_visual"][:, 0], enc["clr_text"],
+                                  enc["clr_visual"], enc["stream_text"], enc["stream_visual"])
+
+
+# What each retrieval feature kind is; `CaptureModel.embed` returns them all.
+FEATURE_KINDS = {
+    "joint": "concat(L2(visual), L2(text)) of the joint encoder's first tokens (EGE's recipe)",
+    "visual": "the joint encoder's visual first token, S_v[:, 0]",
+    "text": "the joint encoder's text first token, S_t[:, 0]",
+    "clr_visual": "the pre-fusion visual feature that CLR trains, f_v",
+    "clr_text": "the pre-fusion text feature that CLR trains, f_t",
+    "clr_concat": "concat(L2(f_v), L2(f_t))",
+    "capture": "concat(L2(S_t[:, 0] * S_v[:, 0]), L2(h_t[:, 0] * h_v[:, 0])): the joint and the "
+               "single-stream first tokens multiplied across modalities (the authors' answer in "
+               "zhanxlin/Product1M issue #5)",
+}
+
+
+def retrieval_features(s_text: Array, s_visual: Array, clr_text: Array, clr_visual: Array,
+                       stream_text: Array, stream_visual: Array) -> dict[str, Array]:
+    """Every kind of `FEATURE_KINDS` from the first-token outputs, float32 [B, D_kind]."""
+    norm = layers.l2_normalize
+    f = dict(visual=s_visual, text=s_text, clr_visual=clr_visual, clr_text=clr_text)
+    f = {k: v.astype(jnp.float32) for k, v in f.items()}
+    f["joint"] = jnp.concatenate([norm(f["visual"]), norm(f["text"])], axis=-1)
+    f["clr_concat"] = jnp.concatenate([norm(f["clr_visual"]), norm(f["clr_text"])], axis=-1)
+    single = stream_text.astype(jnp.float32) * stream_visual.astype(jnp.float32)
+    f["capture"] = jnp.concatenate([norm(f["text"] * f["visual"]), norm(single)], axis=-1)
+    return {k: f[k] for k in FEATURE_KINDS}
