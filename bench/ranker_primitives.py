@@ -39,7 +39,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-_BLOCK = 32  # As in capture_jax/evaluators/retrieval.py.
+_BLOCK = 32  # As in capture_jax/evaluators/ranker.py.
 
 
 def median_seconds(fn, repeats: int) -> float:

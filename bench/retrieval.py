@@ -2,7 +2,7 @@
 
 For each gallery size (default 10k, 100k, 1M; 1024-d float32, rows L2-normalised; 6,547 queries
 like the Product1M test split) it ranks the whole gallery for every query twice in the same
-process: `capture_jax.evaluators.retrieval.top_k` (after one warm-up chunk that compiles it), then
+process: `capture_jax.evaluators.ranker.top_k` (after one warm-up chunk that compiles it), then
 numpy (per query chunk: `q @ g.T`, `np.argpartition(-scores, k)`, sort those k). It prints one
 JSON line per size: seconds and queries/s of both, the speed-up, the agreement of the two index
 lists, and the peak resident memory after the JAX run and after both. Each size runs in a fresh
@@ -47,7 +47,7 @@ def run_one(args) -> dict:
     import numpy as np
 
     from capture_jax import sharding
-    from capture_jax.evaluators import retrieval
+    from capture_jax.evaluators import ranker, retrieval
 
     size, k = args.size, args.k
     rng = np.random.default_rng(0)
@@ -62,15 +62,15 @@ def run_one(args) -> dict:
     ec = retrieval.eval_config()
     kw = dict(query_chunk=ec.query_chunk, gallery_tile=ec.gallery_tile)
     gib = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    chunk = retrieval.query_chunk_size(len(queries), ec.query_chunk)
+    chunk = ranker.query_chunk_size(len(queries), ec.query_chunk)
     start = time.perf_counter()
-    retrieval.top_k(queries[:chunk], gallery, k, mesh, **kw)  # compiles the program for `chunk`
+    ranker.top_k(queries[:chunk], gallery, k, mesh, **kw)  # compiles the program for `chunk`
     warmup = time.perf_counter() - start
     start = time.perf_counter()
-    _, jax_idx = retrieval.top_k(queries, gallery, k, mesh, **kw)
+    _, jax_idx = ranker.top_k(queries, gallery, k, mesh, **kw)
     jax_s = time.perf_counter() - start
     rss_jax = gib()
-    retrieval._RANKERS.clear()
+    ranker._RANKERS.clear()
     np_chunk = int(min(ec.query_chunk, max(8, args.numpy_chunk_gb * 2**30 // (16 * size))))
     start = time.perf_counter()
     np_idx = numpy_top_k(queries, gallery, k, np_chunk)

@@ -85,7 +85,7 @@ def test_output_shapes_and_dtypes(kind, dtype):
     assert {k: (v.shape, v.dtype) for k, v in emb.items()} == dict(
         visual=((b, d), f32), text=((b, d), f32), joint=((b, 2 * d), f32),
         clr_visual=((b, d), f32), clr_text=((b, d), f32), clr_concat=((b, 2 * d), f32),
-        capture=((b, d + h), f32))
+        capture=((b, d + h), f32), prefusion=((b, 2 * d + 2 * h), f32))
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         names = var.get_metadata().get("out_sharding")
         assert var.dtype == jnp.float32 and names is not None and len(names) == var.ndim, path
@@ -195,6 +195,14 @@ def test_dropout_key_contract(tiny_regions):
     single = emb["capture"][:, config.out_dim:]
     assert single.shape == (4, config.hidden_size)
     np.testing.assert_allclose(np.linalg.norm(single, axis=-1), 1.0, atol=1e-5)
+    # `prefusion` ends with the mean word embedding of each title's own tokens.
+    words = np.asarray(state["text_embeddings"]["word_embeddings"]["embedding"].get_value())
+    d, h = config.out_dim, config.hidden_size
+    for row, (ids, mask) in enumerate(zip(batch["text_ids"], batch["text_mask"])):
+        n = int(mask.sum())
+        title = norm(words[ids[1:n - 1]].mean(0))
+        np.testing.assert_allclose(emb["prefusion"][row, 2 * d + h:], 2.0 * title, atol=1e-5)
+    np.testing.assert_allclose(emb["prefusion"][:, :2 * d], emb["clr_concat"], atol=1e-5)
 
 
 def test_variants_table():

@@ -142,9 +142,14 @@ def write_index(path: str, title: str, results: Mapping[str, metrics.Scores],
     if notes:
         out.append("<h2>Ground truth</h2><ul>" + "".join(f"<li>{e(n)}</li>" for n in notes)
                    + "</ul>")
+    def cell(v):
+        if isinstance(v, dict):  # The config: folded, one field a line.
+            return (f"<details><summary>{len(v)} fields</summary><pre>"
+                    f"{e(json.dumps(v, indent=1, ensure_ascii=False))}</pre></details>")
+        return e(v if isinstance(v, str) else json.dumps(v))
     out.append('<h2>Run</h2><table class="s">' + "".join(
-        f"<tr><th class=k>{e(k)}</th><td class=k>{e(v if isinstance(v, str) else json.dumps(v))}"
-        "</td></tr>" for k, v in run_info.items()) + "</table>")
+        f"<tr><th class=k>{e(k)}</th><td class=k>{cell(v)}</td></tr>"
+        for k, v in run_info.items()) + "</table>")
     with open(path, "w", encoding="utf-8") as f:
         f.write("".join(out) + "</body></html>\n")
 

@@ -429,8 +429,15 @@ class CaptureModel(nnx.Module):
     def embed(self, batch: Batch) -> dict[str, Array]:
         """Retrieval features by kind (`FEATURE_KINDS`), deterministic, no training heads."""
         enc = self._encode(batch, None)
+        # The mean input embedding of the title's own tokens ([CLS], [SEP], padding left out).
+        ids, mask = batch["text_ids"], batch["text_mask"].astype(jnp.float32)
+        last = jnp.arange(ids.shape[1])[None] == mask.sum(1, keepdims=True) - 1
+        tokens = mask * (jnp.arange(ids.shape[1])[None] > 0) * (1.0 - last)
+        words = self.text_embeddings.word_embeddings(ids).astype(jnp.float32)
+        title = (words * tokens[..., None]).sum(1) / jnp.maximum(tokens.sum(1), 1.0)[:, None]
         return retrieval_features(enc["s_text"][:, 0], enc["s_visual"][:, 0], enc["clr_text"],
-                                  enc["clr_visual"], enc["stream_text"], enc["stream_visual"])
+                                  enc["clr_visual"], enc["stream_text"], enc["stream_visual"],
+                                  title)
 
 
 # What each retrieval feature kind is; `CaptureModel.embed` returns them all.
@@ -444,12 +451,19 @@ FEATURE_KINDS = {
     "capture": "concat(L2(S_t[:, 0] * S_v[:, 0]), L2(h_t[:, 0] * h_v[:, 0])): the joint and the "
                "single-stream first tokens multiplied across modalities (the authors' answer in "
                "zhanxlin/Product1M issue #5)",
+    "prefusion": "concat(L2(f_v), L2(f_t), 1.5 L2(h_t[:, 0]), 2 L2(mean word embedding of the "
+                 "title)): everything before fusion, text-weighted (docs/retrieval.md)",
 }
+# Weights of `prefusion`'s parts (f_v, f_t, h_t, title embedding), chosen on the seed-0 `demo`
+# run's dev queries among 1-3 (docs/retrieval.md has the sweep).
+PREFUSION_WEIGHTS = (1.0, 1.0, 1.5, 2.0)
 
 
 def retrieval_features(s_text: Array, s_visual: Array, clr_text: Array, clr_visual: Array,
-                       stream_text: Array, stream_visual: Array) -> dict[str, Array]:
-    """Every kind of `FEATURE_KINDS` from the first-token outputs, float32 [B, D_kind]."""
+                       stream_text: Array, stream_visual: Array, title: Array
+                       ) -> dict[str, Array]:
+    """Every kind of `FEATURE_KINDS` from the first-token outputs and the title embedding,
+    float32 [B, D_kind]."""
     norm = layers.l2_normalize
     f = dict(visual=s_visual, text=s_text, clr_visual=clr_visual, clr_text=clr_text)
     f = {k: v.astype(jnp.float32) for k, v in f.items()}
@@ -457,4 +471,6 @@ def retrieval_features(s_text: Array, s_visual: Array, clr_text: Array, clr_visu
     f["clr_concat"] = jnp.concatenate([norm(f["clr_visual"]), norm(f["clr_text"])], axis=-1)
     single = stream_text.astype(jnp.float32) * stream_visual.astype(jnp.float32)
     f["capture"] = jnp.concatenate([norm(f["text"] * f["visual"]), norm(single)], axis=-1)
+    parts = (f["clr_visual"], f["clr_text"], stream_text.astype(jnp.float32), title)
+    f["prefusion"] = jnp.concatenate([w * norm(x) for w, x in zip(PREFUSION_WEIGHTS, parts)], -1)
     return {k: f[k] for k in FEATURE_KINDS}
