@@ -331,3 +331,13 @@ def test_report_escapes_text_and_marks_hits(tmp_path):
     assert text.count('class="g hit"') == 1 and text.count('class="g miss"') == 1
     assert "1/10 hits" in text and "(no title)" in text and "<td>50.00</td>" in text
     assert "AP@10 25.0" in text and "7 gallery positives" in text and "Shown: &lt;all&gt;." in text
+
+
+def test_dataset_without_ground_truth_asks_for_a_rebuild(setup, monkeypatch):
+    import types
+    old = types.SimpleNamespace(info=types.SimpleNamespace(
+        metadata={"build_stats": {}}, full_name="tfds_product1m/synthetic_tiny/1.0.0"),
+        data_dir="/data/tfds_product1m/synthetic_tiny/1.0.0")
+    monkeypatch.setattr(input_pipeline, "get_builder", lambda config: old)
+    with pytest.raises(ValueError, match=r"without the official ground truth .* rebuild it"):
+        retrieval.load_ground_truth(setup[0])
