@@ -15,6 +15,7 @@ skipped for a missing image), so they equal `python -m capture_jax.metrics` run 
 count as misses, as they do for the official script.
 """
 
+import collections
 import dataclasses
 import json
 import os
@@ -177,17 +178,13 @@ def load_ground_truth(config) -> GroundTruth:
 def unreachable_note(split: str, gt: GroundTruth, built_gallery: set[str]) -> str:
     """How many (query, positive) pairs point at gallery rows the build skipped."""
     skipped = [g for g in gt.gallery if g not in built_gallery]
-    by_label: dict[str, int] = {}
-    for g in skipped:
-        by_label[gt.gallery[g]] = by_label.get(gt.gallery[g], 0) + 1
+    by_label = collections.Counter(gt.gallery[g] for g in skipped)
+    counts = collections.Counter(gt.gallery.values())
     pairs = total = 0
-    counts: dict[str, int] = {}
-    for label in gt.gallery.values():
-        counts[label] = counts.get(label, 0) + 1
     for labels in gt.queries[split].values():
         distinct = set(labels)
-        pairs += sum(by_label.get(label, 0) for label in distinct)
-        total += sum(counts.get(label, 0) for label in distinct)
+        pairs += sum(by_label[label] for label in distinct)
+        total += sum(counts[label] for label in distinct)
     return (f"{split}: {len(skipped)} of the {len(gt.gallery)} gallery rows of the text file are "
             f"not in the built gallery (skipped at build time); {pairs} of the {total} (query, "
             f"gallery positive) pairs of the {len(gt.queries[split])} {split} queries point at "
@@ -247,8 +244,9 @@ def evaluate(config, workdir: str, graphdef, model_state, mesh, rules, *, step: 
             wanted = {g for r in ranked_by_kind.values() for g in r[sample, :10].flat}
             items = report.read_items(config, ec.gallery_split, wanted)
             items.update(report.read_items(config, split, {queries.ids[i] for i in sample}))
+            counts = collections.Counter(gt.gallery.values())
+            positives = [sum(counts[label] for label in set(labels[i] or ())) for i in sample]
             for kind, ranked in ranked_by_kind.items():
-                positives = [_positives(labels[i], gt.gallery) for i in sample]
                 shown = [(queries.ids[i], labels[i] or (), list(ranked[i]), ap, p) for i, ap, p in
                          zip(sample, per_query_by_kind[kind][10]["AP"], positives)]
                 report.write_report(
@@ -263,12 +261,6 @@ def evaluate(config, workdir: str, graphdef, model_state, mesh, rules, *, step: 
                            ec.headline, ec.baselines, info, notes)
     return [(f"retrieval/{key}/{m}@{n[3:]}", 100 * v) for key, scores in results.items()
             for n, s in scores.items() for m, v in s.items()]
-
-
-def _positives(labels, gallery: dict[str, str]) -> int:
-    """Number of gallery rows (of the text file) whose label is one of `labels`."""
-    wanted = set(labels or ())
-    return sum(label in wanted for label in gallery.values())
 
 
 def _log_table(split: str, step: int, scores: dict[str, metrics.Scores], headline: str) -> None:
