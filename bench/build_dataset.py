@@ -9,7 +9,6 @@ fresh directories.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
@@ -22,10 +21,19 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import tensorflow_datasets as tfds  # noqa: E402
-from absl import logging  # noqa: E402
+from absl import flags, logging  # noqa: E402
 
 import tfds_product1m  # noqa: E402,F401  (registers the builder)
+from capture_jax import cli  # noqa: E402
 from tfds_product1m import synthetic  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_integer("products", 60, "Products in the catalogue.")
+flags.DEFINE_integer("train", 1500, "Train rows.")
+flags.DEFINE_integer("gallery_per_product", 4, "Gallery rows per product.")
+flags.DEFINE_integer("queries", 100, "Dev and test rows each.")
+flags.DEFINE_integer("image_size", 256, "Side of the generated images in pixels.")
+flags.DEFINE_integer("repeats", 3, "Runs in fresh directories; the medians are printed.")
 
 
 def _run_once(spec: synthetic.SyntheticSpec) -> dict:
@@ -48,25 +56,18 @@ def _run_once(spec: synthetic.SyntheticSpec) -> dict:
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--products", type=int, default=60)
-    parser.add_argument("--train", type=int, default=1500)
-    parser.add_argument("--gallery_per_product", type=int, default=4)
-    parser.add_argument("--queries", type=int, default=100, help="dev and test rows each")
-    parser.add_argument("--image_size", type=int, default=256)
-    parser.add_argument("--repeats", type=int, default=3)
-    args = parser.parse_args()
+def main(argv: list[str]) -> None:
+    cli.no_arguments(argv)
     logging.set_verbosity(logging.WARNING)
     spec = synthetic.SyntheticSpec(
-        num_products=args.products,
-        num_train=args.train,
-        gallery_per_product=args.gallery_per_product,
-        num_dev=args.queries,
-        num_test=args.queries,
-        image_size=args.image_size,
+        num_products=FLAGS.products,
+        num_train=FLAGS.train,
+        gallery_per_product=FLAGS.gallery_per_product,
+        num_dev=FLAGS.queries,
+        num_test=FLAGS.queries,
+        image_size=FLAGS.image_size,
     )
-    runs = [_run_once(spec) for _ in range(args.repeats)]
+    runs = [_run_once(spec) for _ in range(FLAGS.repeats)]
     rows = runs[0]["rows"]
     gen_s = statistics.median(r["generate_s"] for r in runs)
     build_s = statistics.median(r["build_s"] for r in runs)
@@ -74,10 +75,10 @@ def main() -> None:
     print(json.dumps({
         "bench": "build_dataset",
         "machine": f"{platform.machine()} {os.cpu_count()} cpus",
-        "image_size": args.image_size,
+        "image_size": FLAGS.image_size,
         "rows": rows,
         "written": runs[0]["written"],
-        "repeats": args.repeats,
+        "repeats": FLAGS.repeats,
         "generate_rows_per_s": round(rows / gen_s, 1),
         "build_rows_per_s": round(rows / build_s, 1),
         "end_to_end_rows_per_s": round(rows / total_s, 1),
@@ -86,4 +87,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -4,30 +4,35 @@ The model is built abstractly (`nnx.eval_shape`) and the forward pass is only lo
 so even `paper` needs no parameter memory. Counts the full pretraining forward (MLM logits at
 every text position, MRM predictions for every region), no dropout. Prints one JSON line.
 
-  python bench/model_flops.py [--variants paper,paper_pixels,demo,tiny] [--batch_size 2]
+  python bench/model_flops.py [--variants paper,paper_pixels,demo,demo_regions,tiny]
+                              [--batch_size 2]
 """
 
-import argparse
 import json
 import pathlib
 import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from anywhere
 
+from absl import flags  # noqa: E402
 
-from capture_jax.models import variants  # noqa: E402
+from capture_jax import cli  # noqa: E402
 from capture_jax.models.cost import forward_flops, parameter_count  # noqa: E402
+from configs import capture as capture_configs  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list("variants", list(capture_configs.VARIANTS), "Variants of configs/capture.py.")
+flags.register_validator("variants", lambda names: set(names) <= set(capture_configs.VARIANTS),
+                         f"choose among {', '.join(capture_configs.VARIANTS)}")
+flags.DEFINE_integer("batch_size", 2, "Examples in the lowered forward pass.")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--variants", default=",".join(variants.VARIANTS))
-    parser.add_argument("--batch_size", type=int, default=2)
-    args = parser.parse_args()
+def main(argv: list[str]) -> None:
+    cli.no_arguments(argv)
     result = {}
-    for name in args.variants.split(","):
-        config = variants.model_config(name)
-        gflop = forward_flops(config, args.batch_size) / 1e9
+    for name in FLAGS.variants:
+        config = capture_configs.get_config(name).model
+        gflop = forward_flops(config, FLAGS.batch_size) / 1e9
         result[name] = dict(
             forward_gflop_per_example=float(f"{gflop:.4g}"),
             params=parameter_count(config),
@@ -38,4 +43,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -27,17 +27,29 @@ baseline that each design would reach if everything else it does were free,
                                     [--candidates 256] [--repeats 5]
 """
 
-import argparse
 import json
 import os
 import statistics
+import sys
 import time
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from absl import flags  # noqa: E402
+
+from capture_jax import cli  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_integer("queries", 1024, "Queries in the chunk.")
+flags.DEFINE_integer("tile", 32768, "Gallery rows in the tile.")
+flags.DEFINE_integer("dim", 1024, "Feature width.")
+flags.DEFINE_integer("k", 100, "Gallery ids kept per query.")
+flags.DEFINE_integer("candidates", 256, "Rows per query that a screened ranker rescores.")
+flags.DEFINE_integer("repeats", 5, "Timed runs per piece (after a warm-up); the median counts.")
 
 _BLOCK = 32  # As in capture_jax/evaluators/ranker.py.
 
@@ -52,19 +64,12 @@ def median_seconds(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--queries", type=int, default=1024)
-    parser.add_argument("--tile", type=int, default=32768)
-    parser.add_argument("--dim", type=int, default=1024)
-    parser.add_argument("--k", type=int, default=100)
-    parser.add_argument("--candidates", type=int, default=256)
-    parser.add_argument("--repeats", type=int, default=5)
-    args = parser.parse_args()
-    nq, nt, d, k = args.queries, args.tile, args.dim, args.k
+def main(argv: list[str]) -> None:
+    cli.no_arguments(argv)
+    nq, nt, d, k = FLAGS.queries, FLAGS.tile, FLAGS.dim, FLAGS.k
     if nt % _BLOCK or nt // _BLOCK <= k:
-        parser.error(f"--tile must be a multiple of {_BLOCK} with more than --k blocks; "
-                     f"got {nt}.")
+        cli.usage_error(f"--tile must be a multiple of {_BLOCK} with more than --k blocks; "
+                        f"got {nt}.", cli.USAGE_STATUS)
 
     rng = np.random.default_rng(0)
 
@@ -90,7 +95,7 @@ def main() -> None:
 
     top_k = jax.jit(lambda s: jax.lax.top_k(s, k))
     block_select = jax.jit(block_select)
-    ids = jnp.asarray(rng.integers(0, nt, (nq, args.candidates), dtype=np.int32))
+    ids = jnp.asarray(rng.integers(0, nt, (nq, FLAGS.candidates), dtype=np.int32))
     rescore = jax.jit(lambda qq, gg, ii: jax.lax.map(
         lambda a: jnp.take(gg, a[1], axis=0) @ a[0], (qq, ii), batch_size=16))
     pieces = {
@@ -105,7 +110,7 @@ def main() -> None:
     elements = nq * nt
     ns = {}
     for name, fn in pieces.items():
-        seconds = median_seconds(fn, args.repeats)
+        seconds = median_seconds(fn, FLAGS.repeats)
         per_query = name == "xla_gather_rescore"
         ns[name] = seconds / (nq if per_query else elements) * 1e9
         line = {"benchmark": "ranker_primitive", "piece": name, "seconds": round(seconds, 4),
@@ -117,7 +122,7 @@ def main() -> None:
     numpy_per = ns["numpy_matmul"] + ns["numpy_argpartition"]
     screened = ns["xla_dot_bf16"] + ns["xla_block_select"]
     print(json.dumps(dict(
-        benchmark="ranker_ceiling", queries=nq, tile=nt, dim=d, k=k, candidates=args.candidates,
+        benchmark="ranker_ceiling", queries=nq, tile=nt, dim=d, k=k, candidates=FLAGS.candidates,
         exact_f32=round(numpy_per / (ns["xla_dot_f32"] + ns["xla_block_select"]), 2),
         bf16_screened=round(numpy_per / screened, 2),
         bf16_screened_10k=round(numpy_per * 10_000 /
@@ -126,4 +131,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

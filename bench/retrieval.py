@@ -16,7 +16,6 @@ device whatever the gallery size.
                             [--devices 1]   # fake CPU devices for the JAX mesh
 """
 
-import argparse
 import json
 import os
 import pathlib
@@ -26,6 +25,22 @@ import sys
 import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from absl import flags  # noqa: E402
+
+from capture_jax import cli  # noqa: E402  (no JAX yet: run_one sets XLA_FLAGS first)
+from configs import capture as capture_configs  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list("sizes", ["10000", "100000", "1000000"], "Gallery sizes, one subprocess each.")
+flags.DEFINE_integer("queries", 6547, "Queries (as many as in the Product1M test split).")
+flags.DEFINE_integer("dim", 1024, "Feature width.")
+flags.DEFINE_integer("k", 100, "Gallery ids kept per query.")
+flags.DEFINE_integer("devices", 1, "Fake CPU devices for the JAX mesh.")
+flags.DEFINE_float("numpy_chunk_gb", 4.0, "Cap on the numpy baseline's temporaries per chunk.")
+flags.DEFINE_integer("size", None, "One gallery size, measured in this process (the "
+                     "subprocess of each --sizes entry).")
 
 
 def numpy_top_k(queries, gallery, k, chunk):
@@ -42,12 +57,11 @@ def numpy_top_k(queries, gallery, k, chunk):
 def run_one(args) -> dict:
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                f" --xla_force_host_platform_device_count={args.devices}").strip()
-    sys.path.insert(0, str(ROOT))
     import jax
     import numpy as np
 
     from capture_jax import sharding
-    from capture_jax.evaluators import ranker, retrieval
+    from capture_jax.evaluators import ranker
 
     size, k = args.size, args.k
     rng = np.random.default_rng(0)
@@ -59,7 +73,7 @@ def run_one(args) -> dict:
 
     gallery, queries = features(size), features(args.queries)
     mesh = sharding.make_mesh({"data": -1})
-    ec = retrieval.eval_config()
+    ec = capture_configs.get_config().evals.retrieval
     kw = dict(query_chunk=ec.query_chunk, gallery_tile=ec.gallery_tile)
     gib = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     chunk = ranker.query_chunk_size(len(queries), ec.query_chunk)
@@ -87,25 +101,17 @@ def run_one(args) -> dict:
         loadavg_1min_at_end=round(os.getloadavg()[0], 2))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", default="10000,100000,1000000")
-    parser.add_argument("--queries", type=int, default=6547)
-    parser.add_argument("--dim", type=int, default=1024)
-    parser.add_argument("--k", type=int, default=100)
-    parser.add_argument("--devices", type=int, default=1)
-    parser.add_argument("--numpy_chunk_gb", type=float, default=4.0)
-    parser.add_argument("--size", type=int, help=argparse.SUPPRESS)  # one size, in a subprocess
-    args = parser.parse_args()
-    if args.size:
-        print(json.dumps(run_one(args)), flush=True)
+def main(argv: list[str]) -> None:
+    cli.no_arguments(argv)
+    if FLAGS.size:
+        print(json.dumps(run_one(FLAGS)), flush=True)
         return
-    for size in args.sizes.split(","):
+    for size in FLAGS.sizes:
         cmd = [sys.executable, __file__, "--size", size] + [
-            f"--{name}={getattr(args, name)}" for name in
+            f"--{name}={getattr(FLAGS, name)}" for name in
             ("queries", "dim", "k", "devices", "numpy_chunk_gb")]
         subprocess.run(cmd, check=True)
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -21,7 +21,6 @@ null there, achieved FLOP/s is printed instead). `--pipeline` also measures the 
 pipeline of the `demo` config (examples/s, on the synthetic data). One JSON line per measurement.
 """
 
-import argparse
 import itertools
 import json
 import os
@@ -35,12 +34,25 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
-from absl import logging  # noqa: E402
+from absl import flags, logging  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from capture_jax import input_pipeline, optim, sharding, train  # noqa: E402
+from capture_jax import cli, experiment, input_pipeline, optim, sharding, train, vocab  # noqa: E402
 from capture_jax.models import cost  # noqa: E402
 from configs import capture as capture_configs  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list("variants", ["demo"], "Variants of configs/capture.py.")
+flags.register_validator("variants", lambda names: set(names) <= set(capture_configs.VARIANTS),
+                         f"choose among {', '.join(capture_configs.VARIANTS)}")
+flags.DEFINE_list("batch_sizes", ["32"], "Global batch sizes.")
+flags.DEFINE_integer("steps", 5, "Timed steps (after two warm-up steps); the median counts.")
+flags.DEFINE_list("dtype", [], "Compute dtypes, e.g. float32,bfloat16; default: the variant's.")
+flags.DEFINE_list("remat", ["none"], "none and/or all (every layer stack).")
+flags.DEFINE_list("mlm_max_predictions", ["0"], "MLM logits at every position (0) and/or at K "
+                  "selected positions.")
+flags.DEFINE_enum("attention_impl", "auto", ["auto", "xla", "cudnn"], "Attention implementation.")
+flags.DEFINE_bool("pipeline", False, "Also time the input pipeline.")
 
 
 def random_batch(model_config, batch_size: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -77,7 +89,8 @@ def measure_step(variant: str, batch_size: int, steps: int, dtype: str | None, r
     rules = sharding.rules("dp")
     tx = optim.create_optimizer(config)
     with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
-        state = train.create_train_state(config, mesh, rules, tx)
+        state = train.create_train_state(
+            config, tx, experiment.train_state_shapes(config, mesh, rules, tx))
         batch_sh = sharding.batch_sharding(mesh, rules)
         step_fn = train.make_train_step(config, state, batch_sh, mesh)
         batch = jax.device_put(random_batch(config.model, batch_size), batch_sh)
@@ -118,7 +131,9 @@ def measure_pipeline(batches: int) -> dict:
     """The demo config's tf.data pipeline alone: decode, resize, tokenise, mask, batch."""
     config = capture_configs.get_config("demo")
     with tempfile.TemporaryDirectory() as workdir:
-        iterator = input_pipeline.create_train_iterator(config, workdir, start_step=0)
+        builder = input_pipeline.get_builder(config)
+        tokenizer = vocab.load_tokenizer(config, workdir, builder)
+        iterator = input_pipeline.create_train_iterator(config, builder, tokenizer, start_step=0)
         next(iterator)  # Start-up (and a first-use build of the synthetic data) is not timed.
         start = time.perf_counter()
         for _ in range(batches):
@@ -129,30 +144,23 @@ def measure_pipeline(batches: int) -> dict:
             "examples_per_s": round(batches * config.global_batch_size / seconds, 1)}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--variants", default="demo")
-    parser.add_argument("--batch_sizes", default="32")
-    parser.add_argument("--steps", type=int, default=5)
-    parser.add_argument("--dtype", default="", help="compute dtypes, e.g. float32,bfloat16; "
-                        "default: the variant's")
-    parser.add_argument("--remat", default="none", help="none and/or all (every layer stack)")
-    parser.add_argument("--mlm_max_predictions", default="0",
-                        help="MLM logits at every position (0) and/or at K selected positions")
-    parser.add_argument("--attention_impl", default="auto", choices=["auto", "xla", "cudnn"])
-    parser.add_argument("--pipeline", action="store_true", help="also time the input pipeline")
-    args = parser.parse_args()
+def main(argv: list[str]) -> None:
+    cli.no_arguments(argv)
     logging.set_verbosity(logging.WARNING)
-    settings = itertools.product(
-        args.variants.split(","), [int(b) for b in args.batch_sizes.split(",")],
-        args.dtype.split(",") if args.dtype else [None], args.remat.split(","),
-        [int(k) for k in args.mlm_max_predictions.split(",")])
+    try:
+        batch_sizes = [int(b) for b in FLAGS.batch_sizes]
+        mlm_ks = [int(k) for k in FLAGS.mlm_max_predictions]
+    except ValueError as e:
+        cli.usage_error(f"--batch_sizes and --mlm_max_predictions take integers ({e})",
+                        cli.USAGE_STATUS)
+    settings = itertools.product(FLAGS.variants, batch_sizes, FLAGS.dtype or [None], FLAGS.remat,
+                                 mlm_ks)
     for variant, batch_size, dtype, remat, mlm_k in settings:
-        print(json.dumps(measure_step(variant, batch_size, args.steps, dtype, remat, mlm_k,
-                                      args.attention_impl)), flush=True)
-    if args.pipeline:
+        print(json.dumps(measure_step(variant, batch_size, FLAGS.steps, dtype, remat, mlm_k,
+                                      FLAGS.attention_impl)), flush=True)
+    if FLAGS.pipeline:
         print(json.dumps(measure_pipeline(batches=40)), flush=True)
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -1,7 +1,7 @@
 """Weight import from files users already have: bert-base-chinese and reference CAPTURE models.
 
 Two weights-only paths (the optimiser starts fresh, the step is 0), both driven by the one name
-table in `capture_jax.models.capture` (`reference_name_table`):
+table in `capture_jax.reference_names`:
 
 - `load_bert_weights(state, DIR, config.model)` (for `config.init_from.bert = DIR`): a local
   Hugging Face BERT directory (`config.json`, `vocab.txt`, `model.safetensors` or
@@ -9,8 +9,8 @@ table in `capture_jax.models.capture` (`reference_name_table`):
   MLM head transform/bias; everything else stays as initialised. The reference CAPTURE model
   names its text stream exactly like BERT (`bert.embeddings.*`, `bert.encoder.layer.{i}.*`,
   `cls.predictions.*`), so BERT files go through the same table.
-- `python -m capture_jax.convert --reference_checkpoint pytorch_model_N.bin --config paper
-  --output DIR`: converts a state dict of the authors' `BertForMultiModalPreTraining` into an
+- `python -m capture_jax.convert --reference_checkpoint=pytorch_model_N.bin --config=paper
+  --output=DIR`: converts a state dict of the authors' `BertForMultiModalPreTraining` into an
   Orbax checkpoint, `DIR/checkpoints/0` (items `model` + `meta`), that `config.init_from.checkpoint`
   and `main.py --mode=evaluate` accept. Unused reference tensors are reported and dropped.
 
@@ -22,12 +22,10 @@ variants: the old `LayerNorm.gamma/beta` for `LayerNorm.weight/bias`, files save
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
 import os
 import re
-import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -35,11 +33,11 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from absl import logging
+from absl import flags, logging
 from flax import nnx
 
-from capture_jax import checkpointing
-from capture_jax.models import capture, variants
+from capture_jax import checkpointing, cli, reference_names
+from capture_jax.models import capture
 
 # The reference tensors that a BERT checkpoint provides (the text half of the name table).
 BERT_TENSORS = re.compile(r"bert\.embeddings\.|bert\.encoder\.layer\.\d+\.|cls\.predictions\.")
@@ -168,7 +166,7 @@ def reference_to_params(state_dict: Mapping[str, np.ndarray],
     those parameters are absent from the result).
     """
     state_dict = normalise_names(state_dict)
-    table = capture.reference_name_table(model_config)
+    table = reference_names.reference_name_table(model_config)
     shapes = _param_shapes(model_config)
     params: FlatParams = {}
     for name, (ours, transpose) in table.items():
@@ -177,9 +175,9 @@ def reference_to_params(state_dict: Mapping[str, np.ndarray],
                                            source)
     report = {
         "missing": [n for n in table if n not in state_dict],
-        "tied": [n for n in state_dict if n in capture.TIED_REFERENCE_TENSORS],
+        "tied": [n for n in state_dict if n in reference_names.TIED_REFERENCE_TENSORS],
         "unused": sorted(n for n in state_dict
-                         if n not in table and n not in capture.TIED_REFERENCE_TENSORS),
+                         if n not in table and n not in reference_names.TIED_REFERENCE_TENSORS),
     }
     for name in report["tied"]:
         words = state_dict.get("bert.embeddings.word_embeddings.weight")
@@ -194,10 +192,10 @@ def params_to_reference(model_state: nnx.State,
     """Our parameters -> a reference-named state dict (the inverse table, tied decoder included)."""
     flat = {_path_str(p): v for p, v in nnx.to_flat_state(model_state)}
     out: StateDict = {}
-    for name, (ours, transpose) in capture.reference_name_table(model_config).items():
+    for name, (ours, transpose) in reference_names.reference_name_table(model_config).items():
         value = np.asarray(jax.device_get(flat[ours][...]))
         out[name] = np.ascontiguousarray(value.T if transpose else value)
-    for name in capture.TIED_REFERENCE_TENSORS:
+    for name in reference_names.TIED_REFERENCE_TENSORS:
         out[name] = out["bert.embeddings.word_embeddings.weight"]
     return out
 
@@ -302,8 +300,8 @@ def load_bert_weights(model_state: nnx.State, bert_dir: str,
     _check_bert_config(_bert_config(bert_dir), model_config, bert_dir)
     path = _bert_weights_file(bert_dir)
     state_dict = normalise_names(read_state_dict(path))
-    table = {name: entry for name, entry in capture.reference_name_table(model_config).items()
-             if BERT_TENSORS.match(name)}
+    table = {name: entry for name, entry in
+             reference_names.reference_name_table(model_config).items() if BERT_TENSORS.match(name)}
     missing = [n for n in table if n not in state_dict and not OPTIONAL_BERT_TENSORS.match(n)]
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5
@@ -335,34 +333,39 @@ def load_bert_weights(model_state: nnx.State, bert_dir: str,
 
 
 # --------------------------------------------------------------------------- the convert command
-def model_config_from_arg(arg: str) -> ml_collections.ConfigDict:
-    """`config.model` from a variant name (`paper`) or `path/to/file.py[:ARG]` (its get_config)."""
-    if arg in variants.VARIANTS:
-        return variants.model_config(arg)
-    file, _, config_arg = arg.partition(":")
-    if not file.endswith(".py") or not os.path.isfile(file):
-        names = ", ".join(variants.VARIANTS)
-        raise ValueError(f"--config={arg} is neither a model variant ({names}) nor an existing "
-                         "config file such as configs/capture.py:paper.")
+FLAGS = flags.FlagValues()  # The command's own flags (the library imports this module).
+flags.DEFINE_string("reference_checkpoint", None, "The authors' pytorch_model_N.bin, or the same "
+                    "as .safetensors.", required=True, flag_values=FLAGS)
+flags.DEFINE_string("config", "paper", "A variant of configs/capture.py (its model sizes), or "
+                    "FILE.py[:ARG] (get_config(ARG).model).", flag_values=FLAGS)
+flags.DEFINE_string("output", None, "Directory to write checkpoints/0 into.", required=True,
+                    flag_values=FLAGS)
+CONFIGS_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                            "configs", "capture.py")
+
+
+def _load_config_file(file: str):
+    """The module of a config file, loaded by path (as `main.py --config` loads it)."""
     spec = importlib.util.spec_from_file_location("_capture_convert_config", file)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+def model_config_from_arg(arg: str) -> ml_collections.ConfigDict:
+    """`config.model` of a variant of configs/capture.py (`paper`) or of `path/to/file.py[:ARG]`
+    (its get_config)."""
+    configs = _load_config_file(CONFIGS_FILE)
+    if arg in configs.VARIANTS:
+        return configs.get_config(arg).model
+    file, _, config_arg = arg.partition(":")
+    if not file.endswith(".py") or not os.path.isfile(file):
+        names = ", ".join(configs.VARIANTS)
+        raise ValueError(f"--config={arg} is neither a model variant ({names}) nor an existing "
+                         "config file such as configs/capture.py:paper.")
+    module = _load_config_file(file)
     config = module.get_config(config_arg) if config_arg else module.get_config()
     return config.model if "model" in config else config
-
-
-def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m capture_jax.convert",
-        description="Convert a reference CAPTURE (PyTorch) state dict into a weights-only Orbax "
-                    "checkpoint OUTPUT/checkpoints/0 for config.init_from.checkpoint or "
-                    "main.py --mode=evaluate.")
-    parser.add_argument("--reference_checkpoint", required=True,
-                        help="the authors' pytorch_model_N.bin, or the same as .safetensors")
-    parser.add_argument("--config", default="paper",
-                        help="configs/capture.py:VARIANT, or a model variant name (default paper)")
-    parser.add_argument("--output", required=True, help="directory to write checkpoints/0 into")
-    return parser.parse_args(argv)
 
 
 def convert(reference_checkpoint: str, model_config: ml_collections.ConfigDict,
@@ -396,15 +399,16 @@ def convert(reference_checkpoint: str, model_config: ml_collections.ConfigDict,
     return report
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    """The convert command; user errors end the process with one sentence."""
-    args = _parse(argv)
+def main(argv: Sequence[str]) -> None:
+    """Converts `--reference_checkpoint` into `--output`; user errors end the process with one
+    sentence."""
+    cli.no_arguments(argv)
     logging.set_verbosity(logging.INFO)
     try:
-        convert(args.reference_checkpoint, model_config_from_arg(args.config), args.output)
+        convert(FLAGS.reference_checkpoint, model_config_from_arg(FLAGS.config), FLAGS.output)
     except (FileNotFoundError, FileExistsError, ImportError, ValueError) as e:
         raise SystemExit(f"convert: {e}") from e
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    cli.run(main, FLAGS)

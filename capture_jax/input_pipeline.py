@@ -8,7 +8,7 @@ count); `make_global_batch` turns them into global `jax.Array`s. The canonical k
   mlm_labels  int32   [B, T]  original id at MLM-selected positions, -1 elsewhere (all -1 in eval).
   image       float32 [B, H, W, 3]  `pixels` front end: RGB resized keeping the aspect ratio,
                               padded with black to H = W = image_size, scaled to [0, 1], then
-                              normalised with the ImageNet mean/std below.
+                              normalised with `visual_inputs.IMAGENET_MEAN` / `_STD`.
   visual_feats float32 [B, R, D]  `regions` front end: the first R = model.visual.num_regions
                               detector regions of the image in file order (truncated, or padded
                               with zero rows), D = model.visual.feature_dim. Unmasked: the model
@@ -28,7 +28,7 @@ Eval also yields, outside the dict (jax arrays cannot hold strings), `item_ids` 
 str, "" for padding rows) and `labels` (list of lists of str, duplicates and order kept).
 T = config.model.text.length. The model applies `mrm_zero` and derives MRM targets itself.
 
-Masking (CAPTURE_SPEC "Pretraining objectives"): MLM selects each real token except CLS/SEP with
+Masking (docs/reference.md, "Objectives"): MLM selects each real token except CLS/SEP with
 p = mlm_prob; of those 80% -> [MASK], 10% -> uniform id in [first_regular_id, vocab_size), 10%
 kept. MRM selects each patch or real region with p = mrm_prob; 90% of those are zeroed. The
 randomness of an example depends only on (config.seed, its global position in the training
@@ -38,11 +38,9 @@ resumed run (`start_step`) replays exactly the same examples with exactly the sa
 Config fields read:
   dataset.name (e.g. "tfds_product1m/synthetic_tiny"; synthetic configs are built on first use),
   dataset.data_dir (None = TFDS default), dataset.train_split, dataset.shuffle_buffer,
-  vocab_path (None = learn a WordPiece vocab from the train titles into workdir/vocab.txt),
-  vocab_size (target size of a learned vocab), model.text.length, model.visual.kind,
-  model.visual.image_size and .patch_size (pixels), model.visual.num_regions and .feature_dim
-  (regions), global_batch_size, eval_batch_size (per host), seed, masking.mlm_prob,
-  masking.mrm_prob.
+  model.text.length, model.visual.* (see `visual_inputs`), global_batch_size, seed,
+  masking.mlm_prob, masking.mrm_prob. The builder (`get_builder`) and the tokenizer
+  (`vocab.load_tokenizer`) are made once per run by `experiment.setup` and passed in.
 
 TensorFlow is hidden from GPUs/TPUs at import: it only feeds the host, and would otherwise grab
 accelerator memory that JAX preallocates.
@@ -55,6 +53,7 @@ import itertools
 import math
 import queue
 import threading
+import typing
 
 import jax
 import numpy as np
@@ -68,32 +67,22 @@ for _kind in ("GPU", "TPU"):  # Before any TF op runs; harmless if TF already ch
 
 import orbax.checkpoint as ocp  # noqa: E402  (its multi-host barrier)
 import tensorflow_datasets as tfds  # noqa: E402
-import tensorflow_text as tf_text  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
-from tensorflow_text.python.ops.bert_tokenizer import BasicTokenizer  # noqa: E402
-from tensorflow_text.tools.wordpiece_vocab import bert_vocab_from_dataset as bert_vocab  # noqa
 
 import tfds_product1m  # noqa: E402,F401  (registers the dataset)
+from capture_jax import visual_inputs  # noqa: E402
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-RESERVED_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")  # ids 0..4 of a learned vocab
+if typing.TYPE_CHECKING:
+    from capture_jax import vocab
+
 AUTOTUNE = tf.data.AUTOTUNE
 
 
-# --------------------------------------------------------------------------- vocabulary
-def _is_cjk(char: str) -> bool:
-    """The CJK ideograph ranges that BERT's basic tokenizer splits into single characters."""
-    cp = ord(char)
-    return any(lo <= cp <= hi for lo, hi in (
-        (0x4E00, 0x9FFF), (0x3400, 0x4DBF), (0x20000, 0x2A6DF), (0x2A700, 0x2B73F),
-        (0x2B740, 0x2B81F), (0x2B820, 0x2CEAF), (0xF900, 0xFAFF), (0x2F800, 0x2FA1F)))
-
-
+# --------------------------------------------------------------------------- processes
 _BARRIERS = itertools.count()  # Barrier keys must be unique; every process counts alike.
 
 
-def _on_process_0(name: str, fn) -> None:
+def on_process_0(name: str, fn) -> None:
     """Runs `fn` on process 0 only; every process leaves when it is done (multi-host barrier).
 
     The barrier is the coordination service's (the `jax.distributed` client), not a device
@@ -107,102 +96,6 @@ def _on_process_0(name: str, fn) -> None:
         barrier(key=f"{name}_{next(_BARRIERS)}", timeout_ms=3 * 3600 * 1000)
 
 
-def learn_vocab(titles: collections.abc.Iterable[str], vocab_size: int) -> list[str]:
-    """A WordPiece vocab (RESERVED_TOKENS first) plus every CJK character of `titles`."""
-    titles = [t.encode() for t in titles]
-    if not titles:
-        raise ValueError("No titles to learn a vocabulary from: set --config.vocab_path instead.")
-    ds = tf.data.Dataset.from_tensor_slices(tf.constant(titles, tf.string)).batch(1024)
-    vocab = bert_vocab.bert_vocab_from_dataset(
-        ds, vocab_size=vocab_size, reserved_tokens=list(RESERVED_TOKENS),
-        bert_tokenizer_params={"lower_case": True}, learn_params={})
-    # Words as the tokenizer sees them (case-folded, NFD, accents stripped); CJK come out single.
-    chars = set()
-    for words in ds.map(BasicTokenizer(lower_case=True).tokenize):
-        chars.update(w.decode() for w in np.unique(words.flat_values.numpy()))
-    chars = {c for c in chars if len(c) == 1 and _is_cjk(c)}
-    rest = [t for t in vocab if t not in RESERVED_TOKENS]
-    return list(RESERVED_TOKENS) + rest + sorted(chars - set(rest))
-
-
-def get_vocab_path(config, workdir: str) -> str:
-    """The vocab file to use: `config.vocab_path`, else workdir/vocab.txt (learned once, reused)."""
-    if config.vocab_path:
-        if not tf.io.gfile.exists(config.vocab_path):
-            raise FileNotFoundError(
-                f"Vocabulary file {config.vocab_path} does not exist: set --config.vocab_path to a "
-                "bert-base-chinese style vocab.txt, or to None to learn one from the train titles.")
-        return config.vocab_path
-    path = f"{workdir}/vocab.txt"
-    builder = get_builder(config, config.dataset.train_split)  # Every process: may build (collective).
-
-    def write():
-        if tf.io.gfile.exists(path):
-            return  # Resumed / evaluation run: the model's ids are tied to this file.
-        ds = builder.as_dataset(
-            split=config.dataset.train_split, shuffle_files=False,
-            decoders=_image_decoders(builder), read_config=tfds.ReadConfig(try_autocache=False))
-        titles = [t.decode() for t in ds.map(lambda ex: ex["title"]).as_numpy_iterator()]
-        vocab = learn_vocab(titles, config.vocab_size)
-        tf.io.gfile.makedirs(workdir)
-        tmp = f"{path}.tmp-{jax.process_index()}"
-        with tf.io.gfile.GFile(tmp, "w") as f:
-            f.write("".join(t + "\n" for t in vocab))
-        tf.io.gfile.rename(tmp, path, overwrite=True)  # Atomic: readers see no half file.
-
-    _on_process_0("capture_vocab", write)
-    if not tf.io.gfile.exists(path):
-        raise FileNotFoundError(
-            f"{path} was not written by process 0: put the workdir on a filesystem that all "
-            "hosts share, or pass --config.vocab_path.")
-    return path
-
-
-class Tokenizer:
-    """`[CLS] wordpieces [SEP]` padded with [PAD] to `max_len`, as tf ops (FastBertTokenizer).
-
-    Lower-cases, strips accents and splits every CJK character into its own token, like
-    bert-base-chinese. Special ids are looked up by token string, so both a learned vocab and
-    the original 21,128-token bert-base-chinese vocab work.
-    """
-
-    def __init__(self, vocab_path: str, max_len: int):
-        with tf.io.gfile.GFile(vocab_path) as f:
-            self.vocab = [line.rstrip("\r\n") for line in f]
-        index = {t: i for i, t in enumerate(self.vocab)}
-        missing = [t for t in RESERVED_TOKENS if t not in index]
-        if missing:
-            raise ValueError(f"Vocabulary {vocab_path} lacks {missing}: use a BERT vocab.txt.")
-        if max_len < 3:
-            raise ValueError(f"model.text.length must be >= 3 (CLS, a token, SEP), got {max_len}.")
-        self.max_len = max_len
-        self.pad_id, self.unk_id, self.cls_id, self.sep_id, self.mask_id = (
-            index[t] for t in RESERVED_TOKENS)
-        self.vocab_size = len(self.vocab)
-        # Random MLM replacements skip the leading block of "[...]" tokens ([PAD], [unused*]...).
-        self.first_regular_id = next(
-            (i for i, t in enumerate(self.vocab) if not (t.startswith("[") and t.endswith("]"))),
-            self.vocab_size)
-        self._tokenizer = tf_text.FastBertTokenizer(
-            vocab=self.vocab, lower_case_nfd_strip_accents=True, token_out_type=tf.int64)
-
-    def encode(self, titles: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        """[N] strings -> (ids int32 [N, T], mask int32 [N, T])."""
-        tokens = self._tokenizer.tokenize(titles)[:, : self.max_len - 2]
-        ids, _ = tf_text.combine_segments([tokens], self.cls_id, self.sep_id)
-        ids, mask = tf_text.pad_model_inputs(ids, self.max_len, pad_value=self.pad_id)
-        return tf.cast(ids, tf.int32), tf.cast(mask, tf.int32)
-
-    def tokens(self, ids: collections.abc.Iterable[int]) -> list[str]:
-        """Token strings of `ids` (for tests and debugging)."""
-        return [self.vocab[int(i)] for i in ids]
-
-
-def load_tokenizer(config, workdir: str) -> Tokenizer:
-    """The tokenizer of this run; its `vocab_size` is the model's vocabulary size."""
-    return Tokenizer(get_vocab_path(config, workdir), config.model.text.length)
-
-
 # --------------------------------------------------------------------------- masking
 def example_seed(seed: int, position: tf.Tensor) -> tf.Tensor:
     """The stateless seed [2] of the example at global stream `position`."""
@@ -210,7 +103,7 @@ def example_seed(seed: int, position: tf.Tensor) -> tf.Tensor:
     return tf.random.experimental.stateless_fold_in(base, tf.cast(position, tf.int64))
 
 
-def mask_tokens(ids: tf.Tensor, seed: tf.Tensor, tokenizer: Tokenizer, prob: float):
+def mask_tokens(ids: tf.Tensor, seed: tf.Tensor, tokenizer: vocab.Tokenizer, prob: float):
     """BERT MLM masking of `ids` (any shape) -> (masked ids, labels: original id or -1)."""
     s_select, s_kind, s_random = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
     candidate = ((ids != tokenizer.pad_id) & (ids != tokenizer.cls_id)
@@ -225,58 +118,12 @@ def mask_tokens(ids: tf.Tensor, seed: tf.Tensor, tokenizer: Tokenizer, prob: flo
     return masked, tf.where(selected, ids, tf.constant(-1, ids.dtype))
 
 
-def mask_patches(num_patches: int, seed: tf.Tensor, prob: float):
-    """MRM masks float32 [P]: (selected for the loss, zeroed = ~90% of the selected)."""
-    s_select, s_zero = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
-    selected = tf.random.stateless_uniform([num_patches], s_select) < prob
-    zero = selected & (tf.random.stateless_uniform([num_patches], s_zero) < 0.9)
-    return tf.cast(selected, tf.float32), tf.cast(zero, tf.float32)
-
-
-def mask_regions(visual_mask: tf.Tensor, seed: tf.Tensor, prob: float):
-    """`mask_patches` over the R region slots, restricted to real regions (visual_mask [R] = 1)."""
-    selected, zero = mask_patches(visual_mask.shape[0], seed, prob)
-    real = tf.cast(visual_mask, tf.float32)
-    return selected * real, zero * real
-
-
-# --------------------------------------------------------------------------- regions
-def region_inputs(regions: dict[str, tf.Tensor], num_regions: int):
-    """Stored `regions` -> (feats float32 [R, D], locations float32 [R, 5], mask int32 [R]).
-
-    The first R = `num_regions` regions in file order, zero rows after the real ones. Locations
-    are ViLBERT's (x1/W, y1/H, x2/W, y2/H, (x2-x1)(y2-y1)/(W*H)), W x H = the image the boxes
-    refer to.
-    """
-    feats, boxes = regions["features"], regions["boxes"]
-    n = tf.minimum(tf.shape(feats)[0], num_regions)
-    w = tf.cast(regions["image_width"], tf.float32)
-    h = tf.cast(regions["image_height"], tf.float32)
-    x1, y1, x2, y2 = tf.unstack(boxes[:n], num=4, axis=-1)
-    locations = tf.stack([x1 / w, y1 / h, x2 / w, y2 / h, (x2 - x1) * (y2 - y1) / (w * h)], -1)
-    pad = [[0, num_regions - n], [0, 0]]
-    feats = tf.pad(tf.cast(feats[:n], tf.float32), pad)
-    feats = tf.ensure_shape(feats, [num_regions, regions["features"].shape[-1]])
-    locations = tf.ensure_shape(tf.pad(locations, pad), [num_regions, 5])
-    mask = tf.ensure_shape(tf.pad(tf.ones([n], tf.int32), pad[:1]), [num_regions])
-    return feats, locations, mask
-
-
-# --------------------------------------------------------------------------- images
-def decode_image(jpeg: tf.Tensor, size: int) -> tf.Tensor:
-    """JPEG bytes -> float32 [size, size, 3] in 0..255, aspect kept, padded with black."""
-    image = tf.io.decode_jpeg(jpeg, channels=3)
-    return tf.image.resize_with_pad(image, size, size, antialias=True)
-
-
-def normalize_images(images: tf.Tensor) -> tf.Tensor:
-    """0..255 -> [0, 1] -> ImageNet mean/std normalisation (per batch: one vectorised op)."""
-    return (images / 255.0 - tf.constant(IMAGENET_MEAN)) / tf.constant(IMAGENET_STD)
-
-
 # --------------------------------------------------------------------------- datasets
-def get_builder(config, split: str | None = None) -> tfds.core.DatasetBuilder:
-    """The TFDS builder, with `split` checked; synthetic configs are built on first use."""
+def get_builder(config) -> tfds.core.DatasetBuilder:
+    """The TFDS builder of `config.dataset`; synthetic configs are built on first use.
+
+    `experiment.setup` calls this once per run and passes the builder on.
+    """
     name, data_dir = config.dataset.name, config.dataset.data_dir
     builder = tfds.builder(name, data_dir=data_dir)
     if not builder.is_prepared() and "synthetic" not in name:
@@ -287,83 +134,39 @@ def get_builder(config, split: str | None = None) -> tfds.core.DatasetBuilder:
             "--manual_dir=DIR --data_dir=DATA_DIR` and pass --config.dataset.data_dir=DATA_DIR; "
             "configs/capture.py:demo runs on synthetic data without any download.")
     if not builder.is_prepared():  # Synthetic: no download, build it now.
-        _on_process_0("capture_build_dataset", builder.download_and_prepare)
+        on_process_0("capture_build_dataset", builder.download_and_prepare)
         builder = tfds.builder(name, data_dir=data_dir)
         if not builder.is_prepared():  # A data_dir that is not shared: build locally.
             builder.download_and_prepare()
-    if split is not None and split not in builder.info.splits:
-        raise ValueError(f"Split {split!r} is not in {builder.info.full_name} (built splits: "
-                         f"{sorted(builder.info.splits)}); choose one of those.")
     return builder
 
 
-def _image_decoders(builder) -> dict | None:
+def check_split(builder: tfds.core.DatasetBuilder, split: str) -> None:
+    """One sentence if `split` was not built."""
+    if split not in builder.info.splits:
+        raise ValueError(f"Split {split!r} is not in {builder.info.full_name} (built splits: "
+                         f"{sorted(builder.info.splits)}); choose one of those.")
+
+
+def image_decoders(builder) -> dict | None:
     """Leaves the JPEG bytes undecoded (decoded later, or never); None when there is no image."""
     return {"image": tfds.decode.SkipDecoding()} if "image" in builder.info.features else None
 
 
-class _Visual:
-    """The visual half of an example for `config.model.visual.kind`, and its MRM masks.
-
-    `pixels` needs the dataset's images; `regions` its `regions` feature (a `*_regions` config)
-    with the model's feature width. Anything else is a one-sentence error.
-    """
-
-    def __init__(self, config, builder):
-        v, name, features = config.model.visual, config.dataset.name, builder.info.features
-        self.kind = v.kind
-        if self.kind == "pixels":
-            if "image" not in features:
-                raise ValueError(
-                    f"Dataset {name} has no images (it holds detector region features): set "
-                    "--config.model.visual.kind=regions, or use a dataset with images such as "
-                    "tfds_product1m/full or synthetic.")
-            self.size, patch = v.image_size, v.patch_size
-            if self.size % patch:
-                raise ValueError(f"image_size {self.size} is not a multiple of patch_size {patch}: "
-                                 "fix one.")
-            self.slots = (self.size // patch) ** 2
-        elif self.kind == "regions":
-            if "regions" not in features:
-                raise ValueError(
-                    f"Dataset {name} has no detector region features: use "
-                    "tfds_product1m/full_regions (README, 'Region features') or "
-                    "configs/capture.py:demo_regions, or set --config.model.visual.kind=pixels.")
-            dim = features["regions"]["features"].shape[-1]
-            if dim != v.feature_dim:
-                raise ValueError(f"Dataset {name} stores {dim}-d region features but "
-                                 f"model.visual.feature_dim is {v.feature_dim}: set "
-                                 f"--config.model.visual.feature_dim={dim}.")
-            self.slots = v.num_regions
-        else:
-            raise ValueError(f"Unknown model.visual.kind {self.kind!r}; use 'regions' or 'pixels'.")
-
-    def example(self, ex) -> dict[str, tf.Tensor]:
-        """One decoded example's visual inputs (images still 0..255; see `finish`)."""
-        if self.kind == "pixels":
-            return {"image": decode_image(ex["image"], self.size)}
-        feats, boxes, mask = region_inputs(ex["regions"], self.slots)
-        return {"visual_feats": feats, "visual_boxes": boxes, "visual_mask": mask}
-
-    def masks(self, visual: dict[str, tf.Tensor], seed: tf.Tensor, prob: float):
-        """(mrm_mask, mrm_zero) float32 [P or R] for one example."""
-        if self.kind == "pixels":
-            return mask_patches(self.slots, seed, prob)
-        return mask_regions(visual["visual_mask"], seed, prob)
-
-    def finish(self, batch: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
-        """Per-batch work: image normalisation (one vectorised op)."""
-        if self.kind == "pixels":
-            return {**batch, "image": normalize_images(batch["image"])}
-        return batch
+def read_titles(builder, split: str) -> list[str]:
+    """Every title of `split`, in file order (to learn a vocabulary from)."""
+    check_split(builder, split)
+    ds = builder.as_dataset(split=split, shuffle_files=False, decoders=image_decoders(builder),
+                            read_config=tfds.ReadConfig(try_autocache=False))
+    return [t.decode() for t in ds.map(lambda ex: ex["title"]).as_numpy_iterator()]
 
 
-def check_dataset(config) -> None:
-    """Raises one sentence if the dataset is missing or does not fit `config.model.visual`."""
-    _Visual(config, get_builder(config))
+def check_dataset(config, builder) -> None:
+    """Raises one sentence if the built dataset does not fit `config.model.visual`."""
+    visual_inputs.create(config, builder)
 
 
-def _train_records(builder, split, seed: int, buffer: int, start: int) -> tf.data.Dataset:
+def train_records(builder, split, seed: int, buffer: int, start: int) -> tf.data.Dataset:
     """(position, serialized example) from stream position `start` on, shuffled per epoch.
 
     Epoch e's order (file order, then a `buffer`-row shuffle) depends only on (seed, e). Whole
@@ -396,7 +199,7 @@ def _train_records(builder, split, seed: int, buffer: int, start: int) -> tf.dat
     return ds.enumerate(start=start)
 
 
-def create_train_iterator(config, workdir: str, *, start_step: int = 0,
+def create_train_iterator(config, builder, tokenizer: vocab.Tokenizer, *, start_step: int = 0,
                           process_index: int | None = None, process_count: int | None = None):
     """Infinite iterator of per-host training batches (numpy dicts), starting at `start_step`.
 
@@ -414,13 +217,12 @@ def create_train_iterator(config, workdir: str, *, start_step: int = 0,
         raise ValueError(f"global_batch_size {config.global_batch_size} is not divisible by the "
                          f"{n_proc} processes: choose a multiple of {n_proc}.")
     local_batch, global_batch = config.global_batch_size // n_proc, config.global_batch_size
-    tokenizer = load_tokenizer(config, workdir)
-    builder = get_builder(config, config.dataset.train_split)
-    visual = _Visual(config, builder)
+    check_split(builder, config.dataset.train_split)
+    visual = visual_inputs.create(config, builder)
     split = tfds.even_splits(config.dataset.train_split, n=n_proc, drop_remainder=True)[pid]
-    ds = _train_records(builder, split, config.seed, max(1, config.dataset.shuffle_buffer),
+    ds = train_records(builder, split, config.seed, max(1, config.dataset.shuffle_buffer),
                         int(start_step) * local_batch)
-    features, decoders = builder.info.features, _image_decoders(builder)
+    features, decoders = builder.info.features, image_decoders(builder)
     mlm_prob, mrm_prob, seed = config.masking.mlm_prob, config.masking.mrm_prob, config.seed
 
     def example(local_position, serialized):
@@ -449,17 +251,16 @@ class EvalDataset:
     collective ops inside a jitted eval step line up across hosts.
     """
 
-    def __init__(self, config, workdir: str, split: str):
-        self._config = config
-        self._tokenizer = load_tokenizer(config, workdir)
-        self._builder = get_builder(config, split)
-        self._visual = _Visual(config, self._builder)
+    def __init__(self, config, builder, tokenizer: vocab.Tokenizer, split: str, batch_size: int):
+        check_split(builder, split)
+        self._config, self._tokenizer, self._builder = config, tokenizer, builder
+        self._visual = visual_inputs.create(config, self._builder)
         n_proc, pid = jax.process_count(), jax.process_index()
         self._subsplit = tfds.even_splits(split, n=n_proc, drop_remainder=False)[pid]
         self.num_examples = self._builder.info.splits[split].num_examples  # All hosts together.
         self._local_examples = self._builder.info.splits[self._subsplit].num_examples
         per_host = math.ceil(self.num_examples / n_proc)
-        self.batch_size = config.eval_batch_size
+        self.batch_size = batch_size
         self.num_batches = math.ceil(per_host / self.batch_size)
 
     def __len__(self) -> int:
@@ -469,7 +270,7 @@ class EvalDataset:
         visual = self._visual
         t, p, tok = self._config.model.text.length, visual.slots, self._tokenizer
         ds = self._builder.as_dataset(
-            split=self._subsplit, shuffle_files=False, decoders=_image_decoders(self._builder),
+            split=self._subsplit, shuffle_files=False, decoders=image_decoders(self._builder),
             read_config=tfds.ReadConfig(try_autocache=False))
 
         def example(ex):
@@ -496,11 +297,6 @@ class EvalDataset:
                       for row, n in zip(batch.pop("labels"), batch.pop("num_labels"))]
             titles = [s.decode() for s in batch.pop("title")]
             yield batch, item_ids, labels, titles
-
-
-def create_eval_dataset(config, workdir: str, split: str) -> EvalDataset:
-    """Per-host eval batches of `split` (no shuffle, no masking); see `EvalDataset`."""
-    return EvalDataset(config, workdir, split)
 
 
 # --------------------------------------------------------------------------- to JAX

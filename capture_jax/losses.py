@@ -2,8 +2,8 @@
 
 All reductions are float32 and over the global batch: under `jax.jit` on a sharded batch the
 arrays are global, so a mean is the global mean and CLR's negatives come from every device (the
-reference computed CLR per GPU replica, bug 4 in the spec). Empty selections give a zero loss,
-never NaN.
+reference computed CLR per GPU replica, bug 4 in docs/reference.md). Empty selections give a zero
+loss, never NaN.
 """
 
 from collections.abc import Mapping
@@ -15,24 +15,6 @@ import ml_collections
 from capture_jax.models.layers import l2_normalize
 
 Array = jax.Array
-
-
-def loss_config() -> ml_collections.ConfigDict:
-    """Defaults for `config.loss` (the paper: every objective on, weight 1, temperature 0.07)."""
-    return ml_collections.ConfigDict(dict(
-        use_mlm=True,  # masked language modelling (cross-entropy on selected tokens)
-        use_mrm=True,  # masked region modelling (MSE on selected regions' features)
-        use_clr=True,  # contrastive InfoNCE between pre-fusion text and visual features
-        mlm_weight=1.0,
-        mrm_weight=1.0,
-        clr_weight=1.0,
-        clr_temperature=0.07,  # fixed (not learned), as in the reference
-        # Steps at the start in which CLR alone is optimised (MLM/MRM computed and logged, weight
-        # 0). Trained from scratch, CLR sits on a plateau at ln(2B - 1) (the pooled features are
-        # nearly equal) and the reconstruction losses' gradients keep it there; on its own it
-        # leaves it within a few hundred steps. 0 (the reference): every objective from step 0.
-        clr_warmup_steps=0,
-    ))
 
 
 def mlm_loss(logits: Array, labels: Array) -> Array:
@@ -76,8 +58,8 @@ def compute_losses(
 
     `outputs` is `CaptureModel.__call__`'s dict; `batch` supplies `mlm_labels` and `mrm_mask`
     (the model's own `mlm_labels` when it computed MLM logits at selected positions only);
-    `config.loss` holds the switches and weights (see `loss_config`); `step` (the optimiser step)
-    matters only with `clr_warmup_steps`.
+    `config.loss` holds the switches and weights (configs/capture.py); `step` (the optimiser
+    step) matters only with `clr_warmup_steps`.
     """
     cfg = config.loss
     components: dict[str, Array] = {}

@@ -20,7 +20,6 @@ Usage: python -m capture_jax.metrics --gt_dir DIR --retrieval_file FILE --output
 """
 from __future__ import annotations
 
-import argparse
 import collections
 import itertools
 import json
@@ -29,6 +28,9 @@ import sys
 from collections.abc import Mapping, Sequence
 
 import numpy as np
+from absl import flags
+
+from capture_jax import cli
 
 NS = (10, 50, 100)
 Ranked = Sequence[Sequence[str]] | np.ndarray
@@ -271,32 +273,39 @@ def percent(scores: Scores) -> str:
                       for n, s in scores.items())
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Official Product1M scores of a retrieval file.")
-    parser.add_argument("--gt_dir", required=True,
-                        help="folder with the official product1m_*_ossurl_v2.txt files")
-    parser.add_argument("--retrieval_file", required=True, help="lines query_id,gallery_id_0,...")
-    parser.add_argument("--output_dir", required=True, help="where metric_results.json is written")
-    parser.add_argument("--split", choices=("dev", "test", "both"), default="both",
-                        help="queries to look up (default: dev and test in one table)")
-    parser.add_argument("--strict", action="store_true",
-                        help="reject a malformed line (format, over 100 ids, a repeated query, an "
-                             "unknown id) with its line number instead of scoring it")
-    args = parser.parse_args(argv)
+# ------------------------------------------------------------------------------ the command
+FLAGS = flags.FlagValues()  # The command's own flags (the library imports this module).
+flags.DEFINE_string("gt_dir", None, "Folder with the official product1m_*_ossurl_v2.txt files.",
+                    required=True, flag_values=FLAGS)
+flags.DEFINE_string("retrieval_file", None, "Lines query_id,gallery_id_0,...", required=True,
+                    flag_values=FLAGS)
+flags.DEFINE_string("output_dir", None, "Where metric_results.json is written.", required=True,
+                    flag_values=FLAGS)
+flags.DEFINE_enum("split", "both", ["dev", "test", "both"],
+                  "Queries to look up (both: dev and test in one table).", flag_values=FLAGS)
+flags.DEFINE_bool("strict", False, "Reject a malformed line (format, over 100 ids, a repeated "
+                  "query, an unknown id) with its line number instead of scoring it.",
+                  flag_values=FLAGS)
+
+
+def main(argv: Sequence[str]) -> None:
+    """Scores `--retrieval_file` into `--output_dir/metric_results.json` and prints the scores;
+    a missing or (with --strict) malformed input ends the process with one sentence, exit 2."""
+    cli.no_arguments(argv)
     try:
-        if not os.path.isfile(args.retrieval_file):
-            raise FileNotFoundError(f"retrieval file {args.retrieval_file} not found: pass the "
+        if not os.path.isfile(FLAGS.retrieval_file):
+            raise FileNotFoundError(f"retrieval file {FLAGS.retrieval_file} not found: pass the "
                                     "file your model wrote (retrieval_id_list.txt).")
-        entries = read_retrieval_file(args.retrieval_file)
+        entries = read_retrieval_file(FLAGS.retrieval_file)
         if not entries:
-            raise ValueError(f"retrieval file {args.retrieval_file} is empty: write one line "
+            raise ValueError(f"retrieval file {FLAGS.retrieval_file} is empty: write one line "
                              "per query.")
         gallery, query_gt, warnings = read_ground_truth(
-            args.gt_dir, ("dev", "test") if args.split == "both" else (args.split,))
+            FLAGS.gt_dir, ("dev", "test") if FLAGS.split == "both" else (FLAGS.split,))
         problems = check_lines(entries, gallery, query_gt)
-        if args.strict and problems:
+        if FLAGS.strict and problems:
             number, kind = min((lines[0], kind) for kind, lines in problems.items())
-            raise ValueError(f"{args.retrieval_file}, line {number} {_PROBLEMS[kind]}; fix the "
+            raise ValueError(f"{FLAGS.retrieval_file}, line {number} {_PROBLEMS[kind]}; fix the "
                              "file or score it without --strict.")
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -306,8 +315,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         warnings.append(f"line {lines[0]}{more} {_PROBLEMS[kind]}.")
     query_ids, ranked, labels, _ = align_with_ground_truth(entries, query_gt)
     scores, _ = score(ranked, labels, gallery, query_ids=query_ids)
-    os.makedirs(args.output_dir, exist_ok=True)
-    write_scores(os.path.join(args.output_dir, "metric_results.json"), scores)
+    os.makedirs(FLAGS.output_dir, exist_ok=True)
+    write_scores(os.path.join(FLAGS.output_dir, "metric_results.json"), scores)
     for key, s in scores.items():
         print(f"{key}: mAP {s['mAP']:.6f}  Prec {s['Prec']:.6f}  mAR {s['mAR']:.6f}")
     for warning in warnings:
@@ -315,4 +324,4 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main, FLAGS)

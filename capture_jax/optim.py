@@ -71,20 +71,3 @@ def create_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransfo
     if opt.grad_accum_steps > 1:
         tx = optax.MultiSteps(tx, every_k_schedule=opt.grad_accum_steps)
     return tx
-
-
-def default_optim_config() -> ml_collections.ConfigDict:
-    """The reference's optimiser settings (configs/capture.py embeds these as `config.optim`)."""
-    return ml_collections.ConfigDict({
-        "learning_rate": 1e-4,  # Peak learning rate.
-        "warmup_fraction": 0.1,  # Share of num_train_steps spent warming up linearly.
-        "b1": 0.9,
-        "b2": 0.999,
-        "eps": 1e-6,
-        "weight_decay": 0.01,  # Decoupled; matrices and embeddings only.
-        "grad_clip_norm": 1.0,  # Global norm over all parameters.
-        "grad_accum_steps": 1,  # >1: accumulate this many micro-batches per update.
-        "bert_lr_multiplier": 1.0,  # 0.1 = the reference's intended (never applied) BERT rate.
-        # Parameter path prefixes that count as BERT-initialised for bert_lr_multiplier.
-        "bert_param_prefixes": ("text_embeddings", "text_layers", "mlm_head"),
-    })

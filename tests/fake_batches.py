@@ -4,7 +4,8 @@ import numpy as np
 from flax import nnx
 import ml_collections
 
-from capture_jax.models import capture, variants
+from capture_jax.models import capture
+from configs import capture as capture_configs
 
 # Tests compile many small programs; XLA's CPU backend optimisations only cost time here.
 FAST_COMPILE = {"xla_backend_optimization_level": 0}
@@ -14,7 +15,7 @@ def tiny_config(
     kind: str = "regions", dtype: str = "float32", **changes
 ) -> ml_collections.ConfigDict:
     """The `tiny` model config with the given front end and compute dtype."""
-    config = variants.model_config("tiny")
+    config = capture_configs.get_config("tiny").model
     config.visual.kind, config.dtype = kind, dtype
     config.update(changes)
     return config

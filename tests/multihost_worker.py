@@ -46,10 +46,10 @@ def main() -> None:
     from absl import app
 
     import main as capture_main  # Defines main.py's flags.
-    from capture_jax import input_pipeline, train
+    from capture_jax import cli, input_pipeline, train
 
     read_ids: list[str] = []
-    train_records = input_pipeline._train_records
+    train_records = input_pipeline.train_records
 
     def recording_train_records(builder, split, *args, **kwargs):
         """The same dataset, noting each example's id as the pipeline pulls it."""
@@ -65,7 +65,7 @@ def main() -> None:
 
         return train_records(builder, split, *args, **kwargs).map(note)
 
-    input_pipeline._train_records = recording_train_records
+    input_pipeline.train_records = recording_train_records
 
     def recorded(run):
         def wrapper(config, workdir, *args, **kwargs):
@@ -80,7 +80,7 @@ def main() -> None:
     train.train_and_evaluate = recorded(train.train_and_evaluate)
     train.evaluate_only = recorded(train.evaluate_only)
     app.run(capture_main.main, argv=[os.path.join(REPO, "main.py"), *sys.argv[1:]],
-            flags_parser=capture_main._parse_flags)
+            flags_parser=cli.parse_flags)
 
 
 if __name__ == "__main__":

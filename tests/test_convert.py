@@ -12,8 +12,9 @@ from flax import nnx
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 from safetensors.numpy import save_file
 
-from capture_jax import checkpointing, convert
-from capture_jax.models import capture, layers, variants
+from capture_jax import checkpointing, cli, convert
+from capture_jax.models import capture, layers
+from configs import capture as capture_configs
 from fake_batches import build
 
 EPS = 1e-12
@@ -24,7 +25,7 @@ BERT = dict(hidden_size=32, num_attention_heads=2, intermediate_size=64, num_hid
 
 def model_config():
     """The tiny variant with a text stream of BERT's sizes (4 of its 5 layers), no dropout."""
-    config = variants.model_config("tiny")
+    config = capture_configs.get_config("tiny").model
     config.update(hidden_size=32, vocab_size=100, max_text_positions=40, layer_norm_eps=EPS,
                   dropout_rate=0.0, attention_dropout_rate=0.0)
     config.text.update(num_heads=2, mlp_dim=64, num_layers=4)
@@ -246,7 +247,7 @@ def test_bert_import_keeps_shardings(tiny, tmp_path):
 def test_reference_conversion_round_trip(tmp_path):
     """Random `paper` parameters -> reference names (+ unused tensors, a DDP prefix) -> convert
     CLI -> Orbax checkpoint -> restore: identical parameters."""
-    config = variants.model_config("paper")
+    config = capture_configs.get_config("paper").model
     with nnx.use_eager_sharding(False):
         abstract = nnx.state(nnx.eval_shape(lambda: capture.CaptureModel(config,
                                                                          rngs=nnx.Rngs(0))))
@@ -260,8 +261,8 @@ def test_reference_conversion_round_trip(tmp_path):
     save_file(state_dict, str(source))
     del state_dict
 
-    convert.main(["--reference_checkpoint", str(source), "--config", "paper",
-                  "--output", str(tmp_path / "out")])
+    cli.call(convert, ["--reference_checkpoint", str(source), "--config", "paper",
+                       "--output", str(tmp_path / "out")])
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     target = checkpointing.abstract_target(abstract, jax.tree.map(lambda _: device, abstract))
     restored, step = checkpointing.restore_weights(str(tmp_path / "out"), target)
@@ -276,7 +277,7 @@ def test_reference_conversion_round_trip(tmp_path):
 
 
 def test_reference_report_and_cli_errors(tmp_path):
-    config = variants.model_config("tiny")
+    config = capture_configs.get_config("tiny").model
     state = nnx.state(build(config))
     state_dict = convert.params_to_reference(state, config)
     params, report = convert.reference_to_params(
@@ -289,22 +290,24 @@ def test_reference_report_and_cli_errors(tmp_path):
     del state_dict["bert.t_fc.dense.bias"]
     save_file(state_dict, str(tmp_path / "partial.safetensors"))
     with pytest.raises(SystemExit, match=r"lacks 1 tensor.*bert\.t_fc\.dense\.bias"):
-        convert.main(["--reference_checkpoint", str(tmp_path / "partial.safetensors"),
-                      "--config", "tiny", "--output", str(tmp_path / "out")])
+        cli.call(convert, ["--reference_checkpoint", str(tmp_path / "partial.safetensors"),
+                           "--config", "tiny", "--output", str(tmp_path / "out")])
     with pytest.raises(SystemExit, match="neither a model variant"):
-        convert.main(["--reference_checkpoint", "x.bin", "--config", "nope",
-                      "--output", str(tmp_path / "out")])
+        cli.call(convert, ["--reference_checkpoint", "x.bin", "--config", "nope",
+                           "--output", str(tmp_path / "out")])
 
 
 def test_config_argument(tmp_path):
-    """--config takes a variant name or FILE.py:ARG (its get_config(ARG).model)."""
+    """--config takes a variant name of configs/capture.py or FILE.py:ARG (its
+    get_config(ARG).model)."""
     config_file = tmp_path / "my_config.py"
     config_file.write_text(
         "import ml_collections\n"
-        "from capture_jax.models import variants\n"
         "def get_config(arg):\n"
-        "    return ml_collections.ConfigDict(dict(model=variants.model_config(arg), seed=0))\n")
-    from_file = convert.model_config_from_arg(f"{config_file}:demo")
-    assert from_file.to_dict() == variants.model_config("demo").to_dict()
+        "    return ml_collections.ConfigDict(dict(model=dict(hidden_size=int(arg)), seed=0))\n")
+    from_file = convert.model_config_from_arg(f"{config_file}:48")
+    assert from_file.to_dict() == {"hidden_size": 48}
+    demo = convert.model_config_from_arg(f"{convert.CONFIGS_FILE}:demo")
+    assert demo.to_dict() == capture_configs.get_config("demo").model.to_dict()
     tiny = convert.model_config_from_arg("tiny")
-    assert tiny.to_dict() == variants.model_config("tiny").to_dict()
+    assert tiny.to_dict() == capture_configs.get_config("tiny").model.to_dict()

@@ -2,6 +2,7 @@
 
 import itertools
 import os
+import threading
 
 import jax
 import ml_collections
@@ -12,6 +13,8 @@ import tensorflow_datasets as tfds
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from capture_jax import input_pipeline as ip
+from capture_jax import visual_inputs as vi
+from capture_jax import vocab
 
 T, SIZE, PATCH, BATCH = 36, 32, 16, 8
 NUM_PATCHES = (SIZE // PATCH) ** 2
@@ -29,6 +32,25 @@ def make_config(data_dir, **overrides) -> ml_collections.ConfigDict:
     })
     config.update_from_flattened_dict(overrides)
     return config
+
+
+def load_tokenizer(config, workdir):
+    return vocab.load_tokenizer(config, workdir, ip.get_builder(config))
+
+
+def train_iterator(config, workdir, **kwargs):
+    """`create_train_iterator` with the builder and tokenizer that `experiment.setup` would pass."""
+    return ip.create_train_iterator(config, ip.get_builder(config),
+                                    load_tokenizer(config, workdir), **kwargs)
+
+
+def eval_dataset(config, workdir, split):
+    return ip.EvalDataset(config, ip.get_builder(config), load_tokenizer(config, workdir), split,
+                          config.eval_batch_size)
+
+
+def vocab_file(config, workdir):
+    return vocab.vocab_file(config, workdir, ip.get_builder(config))
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +72,7 @@ def config(data_dir):
 
 @pytest.fixture(scope="module")
 def tokenizer(config, workdir):
-    return ip.load_tokenizer(config, workdir)
+    return load_tokenizer(config, workdir)
 
 
 @pytest.fixture(scope="module")
@@ -68,11 +90,11 @@ def split_rows(data_dir):
 @pytest.fixture(scope="module")
 def train_batches(config, workdir):
     """The first 14 batches (more than one epoch of 12) of an uninterrupted run."""
-    return list(itertools.islice(ip.create_train_iterator(config, workdir, start_step=0), 14))
+    return list(itertools.islice(train_iterator(config, workdir, start_step=0), 14))
 
 
 def _write_vocab(path, tokens):
-    path.write_text("".join(t + "\n" for t in list(ip.RESERVED_TOKENS) + tokens), encoding="utf-8")
+    path.write_text("".join(t + "\n" for t in list(vocab.RESERVED_TOKENS) + tokens), encoding="utf-8")
     return str(path)
 
 
@@ -99,8 +121,8 @@ def test_train_batch_keys_shapes_dtypes(train_batches, tokenizer):
         assert set(np.unique(b["mrm_mask"])) <= {0.0, 1.0}
         assert np.all(b["mrm_zero"] <= b["mrm_mask"])
     image = batch["image"]
-    low = (0 - np.array(ip.IMAGENET_MEAN)) / np.array(ip.IMAGENET_STD)
-    high = (1 - np.array(ip.IMAGENET_MEAN)) / np.array(ip.IMAGENET_STD)
+    low = (0 - np.array(vi.IMAGENET_MEAN)) / np.array(vi.IMAGENET_STD)
+    high = (1 - np.array(vi.IMAGENET_MEAN)) / np.array(vi.IMAGENET_STD)
     assert np.all(image >= low - 1e-4) and np.all(image <= high + 1e-4)
     assert image.std() > 0.1
 
@@ -111,14 +133,14 @@ def test_chinese_titles_tokenise_to_single_characters(tokenizer, split_rows):
     for title, row, m in zip(titles, ids, mask):
         assert m.sum() < T  # Not truncated, so every character must come out.
         pieces = tokenizer.tokens(row[m == 1])[1:-1]
-        cjk = [c for c in title if ip._is_cjk(c)]
-        assert [p for p in pieces if len(p) == 1 and ip._is_cjk(p)] == cjk
+        cjk = [c for c in title if vocab.is_cjk(c)]
+        assert [p for p in pieces if len(p) == 1 and vocab.is_cjk(p)] == cjk
         assert "[UNK]" not in pieces
 
 
 def test_tokenizer_special_ids_truncation_and_wordpieces(tmp_path):
-    vocab = _write_vocab(tmp_path / "v.txt", ["雅", "诗", "兰", "黛", "50", "##ml", "lancome"])
-    tok = ip.Tokenizer(vocab, max_len=7)
+    path = _write_vocab(tmp_path / "v.txt", ["雅", "诗", "兰", "黛", "50", "##ml", "lancome"])
+    tok = vocab.Tokenizer(path, max_len=7)
     assert (tok.pad_id, tok.unk_id, tok.cls_id, tok.sep_id, tok.mask_id) == (0, 1, 2, 3, 4)
     assert tok.first_regular_id == 5 and tok.vocab_size == 12
     titles = tf.constant(["雅诗 50ML", "雅诗兰黛50ml LANCOME", ""])
@@ -133,34 +155,34 @@ def test_tokenizer_special_ids_truncation_and_wordpieces(tmp_path):
 # ------------------------------------------------------------------ vocabulary
 def test_vocab_learned_once_and_reused(config, workdir, tokenizer, split_rows):
     path = os.path.join(workdir, "vocab.txt")
-    assert tokenizer.vocab[:5] == list(ip.RESERVED_TOKENS)
+    assert tokenizer.vocab[:5] == list(vocab.RESERVED_TOKENS)
     before = (os.stat(path).st_mtime_ns, open(path, "rb").read())
-    assert ip.get_vocab_path(config, workdir) == path
+    assert vocab_file(config, workdir) == path
     assert (os.stat(path).st_mtime_ns, open(path, "rb").read()) == before
-    chars = {c for _, title, _ in split_rows["train"] for c in title if ip._is_cjk(c)}
+    chars = {c for _, title, _ in split_rows["train"] for c in title if vocab.is_cjk(c)}
     assert chars and chars <= set(tokenizer.vocab)
     assert len(tokenizer.vocab) == len(set(tokenizer.vocab))
 
 
 def test_given_vocab_used_verbatim_and_missing_one_is_a_clear_error(data_dir, tmp_path):
     unused = [f"[unused{i}]" for i in range(1, 4)]
-    vocab = ["[PAD]"] + unused + list(ip.RESERVED_TOKENS[1:]) + ["的"]
+    tokens = ["[PAD]"] + unused + list(vocab.RESERVED_TOKENS[1:]) + ["的"]
     path = tmp_path / "bert_vocab.txt"
-    path.write_text("\n".join(vocab) + "\n", encoding="utf-8")
+    path.write_text("\n".join(tokens) + "\n", encoding="utf-8")
     config = make_config(data_dir, vocab_path=str(path))
-    assert ip.get_vocab_path(config, str(tmp_path / "wd")) == str(path)
+    assert vocab_file(config, str(tmp_path / "wd")) == str(path)
     assert not (tmp_path / "wd").exists()
-    tok = ip.load_tokenizer(config, str(tmp_path / "wd"))
-    assert tok.vocab == vocab
+    tok = load_tokenizer(config, str(tmp_path / "wd"))
+    assert tok.vocab == tokens
     assert (tok.cls_id, tok.sep_id, tok.mask_id, tok.first_regular_id) == (5, 6, 7, 8)
     config.vocab_path = str(tmp_path / "nope.txt")
     with pytest.raises(FileNotFoundError, match="does not exist: set --config.vocab_path"):
-        ip.get_vocab_path(config, str(tmp_path / "wd"))
+        vocab_file(config, str(tmp_path / "wd"))
 
 
 # ------------------------------------------------------------------ masking
 def _stats_tokenizer(tmp_path, size=1000):
-    return ip.Tokenizer(_write_vocab(tmp_path / "v.txt", [f"t{i}" for i in range(size - 5)]), 8)
+    return vocab.Tokenizer(_write_vocab(tmp_path / "v.txt", [f"t{i}" for i in range(size - 5)]), 8)
 
 
 def test_mlm_masking_statistics(tmp_path):
@@ -185,7 +207,7 @@ def test_mlm_masking_statistics(tmp_path):
 
 
 def test_mrm_masking_statistics():
-    selected, zero = (x.numpy() for x in ip.mask_patches(20000, ip.example_seed(0, 3), 0.15))
+    selected, zero = (x.numpy() for x in vi.mask_patches(20000, ip.example_seed(0, 3), 0.15))
     assert abs(selected.mean() - 0.15) < 0.01
     assert np.all(zero <= selected) and abs(zero.sum() / selected.sum() - 0.9) < 0.03
 
@@ -197,7 +219,7 @@ def test_masks_depend_only_on_seed_and_position(tmp_path):
     def masks(seed, position):
         key = ip.example_seed(seed, position)
         return np.concatenate([ip.mask_tokens(ids, key, tok, 0.15)[1].numpy(),
-                               ip.mask_patches(200, key, 0.15)[0].numpy()])
+                               vi.mask_patches(200, key, 0.15)[0].numpy()])
 
     np.testing.assert_array_equal(masks(0, 5), masks(0, 5))
     assert not np.array_equal(masks(0, 5), masks(0, 6))
@@ -208,7 +230,7 @@ def test_masks_depend_only_on_seed_and_position(tmp_path):
 # ------------------------------------------------------------------ resume
 def test_resume_replays_identical_batches(config, workdir, train_batches):
     for start in (3, 11, 12):  # In epoch 0, across the epoch boundary, at the start of epoch 1.
-        iterator = ip.create_train_iterator(config, workdir, start_step=start)
+        iterator = train_iterator(config, workdir, start_step=start)
         resumed = list(itertools.islice(iterator, 2))
         for got, want in zip(resumed, train_batches[start:start + 2]):
             assert got.keys() == want.keys()
@@ -223,13 +245,13 @@ def test_every_epoch_is_a_new_permutation_of_the_host_slice(data_dir, split_rows
     features = builder.info.features
     hosts = []
     for split in tfds.even_splits("train", n=2, drop_remainder=True):
-        records = ip._train_records(builder, split, seed=0, buffer=16, start=0).take(3 * 48)
+        records = ip.train_records(builder, split, seed=0, buffer=16, start=0).take(3 * 48)
         ids = [features.deserialize_example_np(r)["id"].decode()
                for _, r in records.as_numpy_iterator()]
         epochs = [ids[i * 48:(i + 1) * 48] for i in range(3)]
         assert all(sorted(e) == sorted(epochs[0]) and len(set(e)) == 48 for e in epochs)
         assert epochs[0] != epochs[1] != epochs[2]
-        resumed = ip._train_records(builder, split, seed=0, buffer=16, start=50).take(10)
+        resumed = ip.train_records(builder, split, seed=0, buffer=16, start=50).take(10)
         assert [p for p, _ in resumed.as_numpy_iterator()] == list(range(50, 60))
         assert [features.deserialize_example_np(r)["id"].decode()
                 for _, r in resumed.as_numpy_iterator()] == ids[50:60]
@@ -237,15 +259,16 @@ def test_every_epoch_is_a_new_permutation_of_the_host_slice(data_dir, split_rows
     assert not hosts[0] & hosts[1] and hosts[0] | hosts[1] == {r[0] for r in split_rows["train"]}
 
 
-def test_train_batch_must_divide_over_processes(config, workdir, monkeypatch):
+def test_train_batch_must_divide_over_processes(config, tokenizer, monkeypatch):
+    builder = ip.get_builder(config)
     monkeypatch.setattr(jax, "process_count", lambda: 3)
     with pytest.raises(ValueError, match="not divisible by the 3 processes"):
-        ip.create_train_iterator(config, workdir, start_step=0)
+        ip.create_train_iterator(config, builder, tokenizer, start_step=0)
 
 
 # ------------------------------------------------------------------ eval
 def test_eval_dataset_pads_last_batch(config, workdir, split_rows, tokenizer):
-    ds = ip.create_eval_dataset(config, workdir, "dev")
+    ds = eval_dataset(config, workdir, "dev")
     batches = list(ds)
     assert len(batches) == len(ds) == 4  # 16 rows, batches of 5.
     expected = {r[0]: r for r in split_rows["dev"]}
@@ -273,12 +296,12 @@ def test_eval_dataset_pads_last_batch(config, workdir, split_rows, tokenizer):
 
 def test_eval_every_host_runs_the_same_number_of_batches(config, workdir, monkeypatch):
     config = ml_collections.ConfigDict(config.to_dict())
-    config.vocab_path, config.eval_batch_size = ip.get_vocab_path(config, workdir), 4
+    config.vocab_path, config.eval_batch_size = vocab_file(config, workdir), 4
     monkeypatch.setattr(jax, "process_count", lambda: 3)
     ids, lengths = [], []
     for pid in range(3):  # 16 dev rows over 3 hosts: 6, 5, 5 -> 2 batches of 4 on every host.
         monkeypatch.setattr(jax, "process_index", lambda pid=pid: pid)
-        batches = list(ip.create_eval_dataset(config, workdir, "dev"))
+        batches = list(eval_dataset(config, workdir, "dev"))
         lengths.append(len(batches))
         ids += [i for b, item_ids, *_ in batches for i, v in zip(item_ids, b["valid"]) if v]
     assert lengths == [2, 2, 2] and len(ids) == len(set(ids)) == 16
@@ -287,11 +310,11 @@ def test_eval_every_host_runs_the_same_number_of_batches(config, workdir, monkey
 # ------------------------------------------------------------------ errors and jax
 def test_unbuilt_real_dataset_and_unknown_split_are_clear_errors(data_dir, tmp_path, workdir):
     config = make_config(tmp_path, **{"dataset.name": "tfds_product1m/full"})
-    config.vocab_path = ip.get_vocab_path(make_config(data_dir), workdir)
+    config.vocab_path = vocab_file(make_config(data_dir), workdir)
     with pytest.raises(FileNotFoundError, match="is not built in .*run `tfds build tfds_product1m"):
-        ip.create_eval_dataset(config, workdir, "dev")
+        eval_dataset(config, workdir, "dev")
     with pytest.raises(ValueError, match="Split 'validation' is not in"):
-        ip.create_eval_dataset(make_config(data_dir), workdir, "validation")
+        eval_dataset(make_config(data_dir), workdir, "validation")
 
 
 def test_make_global_batch_on_fake_devices(train_batches):
@@ -333,12 +356,14 @@ def test_device_prefetch_keeps_order_raises_errors_in_place_and_stops():
     endless = ip.DevicePrefetch(itertools.cycle(local), sharding, 2)
     next(endless)
     endless.close()
-    endless._thread.join(timeout=10)
-    assert not endless._thread.is_alive()
+    for thread in threading.enumerate():
+        if thread.name == "device_prefetch":
+            thread.join(timeout=10)
+    assert not any(t.name == "device_prefetch" for t in threading.enumerate())
     with pytest.raises(StopIteration):
         next(endless)
 
 
 def test_train_iterator_rejects_a_host_outside_the_run(data_dir, workdir):
     with pytest.raises(ValueError, match="process_index 2 is not in"):
-        ip.create_train_iterator(make_config(data_dir), workdir, process_index=2, process_count=2)
+        train_iterator(make_config(data_dir), workdir, process_index=2, process_count=2)

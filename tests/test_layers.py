@@ -1,4 +1,4 @@
-"""Building blocks against small numpy references written from CAPTURE_SPEC.md."""
+"""Building blocks against small numpy references written from docs/reference.md."""
 
 import math
 

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from capture_jax import losses
+from configs import capture as capture_configs
 
 
 def np_log_softmax(x):
@@ -83,7 +84,7 @@ def fake_outputs_and_batch():
 
 def test_compute_losses_weights_and_switches():
     outputs, batch = fake_outputs_and_batch()
-    config = ml_collections.ConfigDict(dict(loss=losses.loss_config()))
+    config = ml_collections.ConfigDict(dict(loss=capture_configs.get_config().loss))
     assert config.loss.clr_temperature == 0.07
     total, parts = losses.compute_losses(outputs, batch, config)
     assert set(parts) == {"mlm", "mrm", "clr"}
@@ -103,7 +104,7 @@ def test_compute_losses_weights_and_switches():
 
 def test_clr_warmup_optimises_clr_alone_until_its_step():
     outputs, batch = fake_outputs_and_batch()
-    config = ml_collections.ConfigDict(dict(loss=losses.loss_config()))
+    config = ml_collections.ConfigDict(dict(loss=capture_configs.get_config().loss))
     config.loss.update(clr_warmup_steps=3, mlm_weight=0.5)
     for step, expect_all in [(0, False), (2, False), (3, True), (10, True)]:
         total, parts = jax.jit(lambda s: losses.compute_losses(outputs, batch, config, s))(step)

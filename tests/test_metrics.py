@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import official_rules
-from capture_jax import metrics
+from capture_jax import cli, metrics
 
 # Gallery: label A has 5 items, B 3, C 2, D 1, X 20.
 SIZES = {"A": 5, "B": 3, "C": 2, "D": 1, "X": 20}
@@ -214,8 +214,8 @@ RETRIEVAL = (b"q1,g1,g3,g2\r\nq2,g3,g4\r\nqX,g1\r\nq3,g1,g2\r\nq4,g9,g3,g1,g4,g2
 def test_command_equals_literal_port_of_official_script(tmp_path, capsys):
     write_gt(tmp_path)
     (tmp_path / "ret.txt").write_bytes(RETRIEVAL)
-    metrics.main(["--gt_dir", str(tmp_path), "--retrieval_file", str(tmp_path / "ret.txt"),
-                  "--output_dir", str(tmp_path / "out")])
+    cli.call(metrics, ["--gt_dir", str(tmp_path), "--retrieval_file", str(tmp_path / "ret.txt"),
+                       "--output_dir", str(tmp_path / "out")])
     ours = (tmp_path / "out" / "metric_results.json").read_bytes()
     want = official_rules.score_files(str(tmp_path), str(tmp_path / "ret.txt"))
     official_rules.write_json(tmp_path / "official.json", want)
@@ -255,19 +255,19 @@ def test_strict_rejects_a_malformed_line_with_its_number(tmp_path, capsys, line,
     args = ["--gt_dir", str(tmp_path), "--retrieval_file", str(tmp_path / "ret.txt"),
             "--output_dir", str(tmp_path / "out")]
     with pytest.raises(SystemExit) as e:
-        metrics.main([*args, "--strict"])
+        cli.call(metrics, [*args, "--strict"])
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert why in err and "Traceback" not in err and not (tmp_path / "out").exists()
-    metrics.main(args)  # Without --strict: the official semantics, with a warning.
+    cli.call(metrics, args)  # Without --strict: the official semantics, with a warning.
     assert "warning: " + why in capsys.readouterr().out
 
 
 def test_command_test_split_only(tmp_path):
     write_gt(tmp_path)
     (tmp_path / "ret.txt").write_bytes(b"q1,g1,g2\nq2,g3\n")
-    metrics.main(["--gt_dir", str(tmp_path), "--retrieval_file", str(tmp_path / "ret.txt"),
-                  "--output_dir", str(tmp_path / "out"), "--split", "test"])
+    cli.call(metrics, ["--gt_dir", str(tmp_path), "--retrieval_file", str(tmp_path / "ret.txt"),
+                       "--output_dir", str(tmp_path / "out"), "--split", "test"])
     scores = json.loads((tmp_path / "out" / "metric_results.json").read_text())
     # q1 is a dev query (0); q2: k = 1, a hit; e_B = 2 (g3 and g4), g_B = 1: AR 1/2.
     assert scores["top10"] == {"mAP": 0.5, "Prec": 0.5, "mAR": 0.25}
@@ -277,8 +277,8 @@ def test_command_missing_file_exits_2(tmp_path, capsys, missing):
     (tmp_path / "ret.txt").write_text("q1,g1\n")
     (tmp_path / missing).unlink()
     with pytest.raises(SystemExit) as e:
-        metrics.main(["--gt_dir", str(tmp_path), "--retrieval_file", str(tmp_path / "ret.txt"),
-                      "--output_dir", str(tmp_path / "out")])
+        cli.call(metrics, ["--gt_dir", str(tmp_path), "--retrieval_file", str(tmp_path / "ret.txt"),
+                           "--output_dir", str(tmp_path / "out")])
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert missing in err and "not found" in err and "Traceback" not in err

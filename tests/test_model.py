@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from capture_jax import losses
-from capture_jax.models import capture, cost, variants
+from capture_jax import losses, reference_names
+from capture_jax.models import capture, cost
+from capture_jax.models import frontends
+from configs import capture as capture_configs
 from fake_batches import FAST_COMPILE, build, make_batch, tiny_config
 
 PAPER_PARAMS = 148_192_136
@@ -18,13 +20,13 @@ PAPER_PARAMS = 148_192_136
 # MRM decoder predicts 768 pixels instead of 2048 features.
 PAPER_PIXELS_PARAMS = PAPER_PARAMS - 2 * (2048 - 768) * 768 - (2048 - 768)
 REFERENCE_TSV = pathlib.Path(__file__).with_name("reference_state_dict.tsv")  # copy of shared/
-UNUSED_REFERENCE_PARAMS = 3_744_000  # CAPTURE_SPEC.md: tensors that never receive a gradient
+UNUSED_REFERENCE_PARAMS = 3_744_000  # docs/reference.md: tensors that never receive a gradient
 
 
 def abstract_params(name: str) -> dict[str, tuple[int, ...]]:
     with nnx.use_eager_sharding(False):
-        model = nnx.eval_shape(lambda: capture.CaptureModel(variants.model_config(name),
-                                                             rngs=nnx.Rngs(0)))
+        model = nnx.eval_shape(lambda: capture.CaptureModel(
+            capture_configs.get_config(name).model, rngs=nnx.Rngs(0)))
     return {".".join(map(str, path)): tuple(v.shape)
             for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
 
@@ -38,16 +40,16 @@ def test_parameter_counts():
 
 def test_reference_state_dict_maps_one_to_one():
     params = abstract_params("paper")
-    table = capture.reference_name_table(variants.model_config("paper"))
+    table = reference_names.reference_name_table(capture_configs.get_config("paper").model)
     rows = [line.split("\t") for line in REFERENCE_TSV.read_text().splitlines()[1:] if line]
     assert len(rows) == 384
     covered, unused = [], 0
     for name, shape_text in rows:
         shape = tuple(int(d) for d in shape_text.split("x"))
-        if name in capture.TIED_REFERENCE_TENSORS:
+        if name in reference_names.TIED_REFERENCE_TENSORS:
             assert shape == params["text_embeddings.word_embeddings.embedding"]
             continue
-        if capture.UNUSED_REFERENCE_TENSORS.match(name):
+        if reference_names.UNUSED_REFERENCE_TENSORS.match(name):
             unused += int(np.prod(shape))
             continue
         assert name in table, f"reference tensor {name} has no entry in the name table"
@@ -148,17 +150,17 @@ def test_mrm_zeroing_happens_before_the_global_token(tiny_regions):
 
 def test_pixels_front_end():
     images = np.arange(2 * 8 * 12 * 3, dtype=np.float32).reshape(2, 8, 12, 3)
-    patches = np.asarray(capture.patchify(jnp.asarray(images), 4))
+    patches = np.asarray(frontends.patchify(jnp.asarray(images), 4))
     assert patches.shape == (2, 6, 48)
     np.testing.assert_array_equal(patches[1, 4], images[1, 4:8, 4:8].reshape(-1))  # row 1, col 1
-    boxes = np.asarray(capture.grid_boxes(2, 3))
+    boxes = np.asarray(frontends.grid_boxes(2, 3))
     np.testing.assert_allclose(boxes[4], [1 / 3, 1 / 2, 2 / 3, 1.0, 1 / 6], atol=1e-7)
     with pytest.raises(ValueError, match="not divisible"):
-        capture.patchify(jnp.zeros((1, 10, 8, 3)), 4)
+        frontends.patchify(jnp.zeros((1, 10, 8, 3)), 4)
     config = tiny_config("pixels")
     batch = make_batch(config, batch_size=2)
     out = jitted(build(config))(batch)
-    raw = np.asarray(capture.patchify(jnp.asarray(batch["image"]), config.visual.patch_size))
+    raw = np.asarray(frontends.patchify(jnp.asarray(batch["image"]), config.visual.patch_size))
     expected = (raw - raw.mean(-1, keepdims=True)) / np.sqrt(raw.var(-1, keepdims=True) + 1e-6)
     np.testing.assert_allclose(out["mrm_targets"], expected, atol=1e-4)
     assert all(np.isfinite(v).all() for v in out.values())
@@ -205,22 +207,8 @@ def test_dropout_key_contract(tiny_regions):
     np.testing.assert_allclose(emb["prefusion"][:, :2 * d], emb["clr_concat"], atol=1e-5)
 
 
-def test_variants_table():
-    with pytest.raises(ValueError, match="paper_pixels"):
-        variants.model_config("huge")
-    fields = {name: variants.model_config(name).to_dict() for name in variants.VARIANTS}
-    flat = lambda d: {k if not isinstance(v, dict) else f"{k}.{kk}"  # noqa: E731
-                      for k, v in d.items() for kk in (v if isinstance(v, dict) else [None])}
-    assert len({frozenset(flat(f)) for f in fields.values()}) == 1
-    assert fields["paper_pixels"]["visual"]["kind"] == "pixels"
-    assert fields["demo"]["hidden_size"] <= 256 and fields["demo"]["visual"]["kind"] == "pixels"
-    config = variants.model_config("paper")
-    config.vocab_size = 3000  # overridable, and a fresh copy each time
-    assert variants.model_config("paper").vocab_size == 21128
-
-
 def test_paper_forward_flops_match_spec():
-    flops = cost.forward_flops(variants.model_config("paper"), batch_size=2)
+    flops = cost.forward_flops(capture_configs.get_config("paper").model, batch_size=2)
     assert abs(flops / 13.9e9 - 1) < 0.05, flops
 
 
@@ -240,7 +228,7 @@ def test_mlm_logits_at_selected_positions_only_give_the_full_loss_and_gradients(
     labels = np.full_like(batch["mlm_labels"], -1)
     labels[0, [1, 3]] = [9, 11]  # 2, 1, 0 and 2 selections per row
     labels[1, 2], labels[3, [1, 2]] = 20, [30, 40]
-    loss_config = ml_collections.ConfigDict(dict(loss=losses.loss_config()))
+    loss_config = ml_collections.ConfigDict(dict(loss=capture_configs.get_config().loss))
 
     def mlm_and_grads(k):
         """(labels -> (MLM loss, gradients)) of the tiny model (same weights for every K)."""
@@ -279,7 +267,7 @@ def test_paper_train_flops_account_for_mlm_positions(monkeypatch):
     """The spec's 41.7 GFLOP less 3 x XLA's forward saving (lowering stubbed: arithmetic only)."""
     monkeypatch.setattr(cost, "forward_flops",
                         lambda c, batch_size=2: 14e9 - 1e6 * (36 - (c.mlm_max_predictions or 36)))
-    config = variants.model_config("paper")
+    config = capture_configs.get_config("paper").model
     assert cost.train_flops_per_example(config, "paper") == cost.PAPER_TRAIN_FLOPS_PER_EXAMPLE
     config.mlm_max_predictions = 8
     assert cost.train_flops_per_example(config, "paper") == 41.7e9 - 3 * 28e6

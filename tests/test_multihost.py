@@ -44,7 +44,7 @@ from configs import capture as capture_configs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_PROCESSES, DEVICES = 2, 8
-COMMON = dict(num_train_steps=4, log_every=1, checkpoint_every=2, eval_every=0)
+COMMON = {"num_train_steps": 4, "log_every": 1, "checkpoint_every": 2, "evals.retrieval.every": 0}
 PHASES = (  # (mesh, sharding rules, extra overrides) of launch 1 and launch 2.
     (dict(data=4, fsdp=1, model=2), "tp", dict(halt_after_step=2)),
     (dict(data=1, fsdp=4, model=2), "fsdp_tp", {}),
@@ -142,8 +142,8 @@ def _train_in_this_process(data_dir: str, workdir: str, monkeypatch) -> list[dic
     """The two phases with 8 devices, fed the two processes' global batches: the loss history."""
     one_host = input_pipeline.create_train_iterator
 
-    def two_hosts(config, workdir, *, start_step=0):
-        hosts = [one_host(config, workdir, start_step=start_step, process_index=i,
+    def two_hosts(config, builder, tokenizer, *, start_step=0):
+        hosts = [one_host(config, builder, tokenizer, start_step=start_step, process_index=i,
                           process_count=NUM_PROCESSES) for i in range(NUM_PROCESSES)]
         for parts in zip(*hosts):
             yield {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
@@ -152,7 +152,9 @@ def _train_in_this_process(data_dir: str, workdir: str, monkeypatch) -> list[dic
     history = []
     for mesh, rules, extra in PHASES:
         config = capture_configs.get_config("tiny")
-        config.update(dict(COMMON, **extra, sharding_rules=rules, mesh=mesh, eval_every=-1))
+        config.update_from_flattened_dict(dict(COMMON, **extra, sharding_rules=rules))
+        config.mesh.update(mesh)
+        config.evals.retrieval.every = -1
         config.dataset.data_dir = data_dir
         history += train.train_and_evaluate(config, workdir)["history"]
     return history
@@ -199,9 +201,9 @@ def test_two_processes_train_resume_and_evaluate_like_one(data_dir, tmp_path, mo
     copy = str(tmp_path / "scored_by_one_process")
     shutil.copytree(workdir, copy, ignore=shutil.ignore_patterns("retrieval", "events.*"))
     mesh, rules, _ = PHASES[1]
-    eval_batch = NUM_PROCESSES * capture_configs.get_config("tiny").eval_batch_size
+    eval_batch = NUM_PROCESSES * capture_configs.get_config("tiny").evals.retrieval.batch_size
     args = [*_overrides(data_dir, mesh, rules, {}), "--mode=evaluate",
-            f"--config.eval_batch_size={eval_batch}"]
+            f"--config.evals.retrieval.batch_size={eval_batch}"]
     evaluated = _Launch("evaluate", copy, args, tmp_path, processes=1).wait()[0]
     assert evaluated["process"] == [0, 1]
     two_scores = launches[1][0]["result"]["scores"]

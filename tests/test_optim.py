@@ -6,10 +6,12 @@ import ml_collections
 import numpy as np
 
 from capture_jax import optim
+from configs import capture as capture_configs
 
 
 def _config(**optim_overrides):
-    config = ml_collections.ConfigDict({"num_train_steps": 100, "optim": optim.default_optim_config()})
+    config = ml_collections.ConfigDict({"num_train_steps": 100,
+                                        "optim": capture_configs.get_config().optim})
     config.optim.update(optim_overrides)
     return config
 

@@ -13,7 +13,8 @@ import tensorflow_datasets as tfds
 
 import tfds_product1m  # noqa: F401  (registers the builder)
 from capture_jax import input_pipeline as ip
-from capture_jax import train
+from capture_jax import visual_inputs as vi
+from capture_jax import cli, train, vocab
 from capture_jax.evaluators import report
 from configs import capture as capture_configs
 from tfds_product1m import product1m_files as files
@@ -119,9 +120,9 @@ def test_load_row_stores_float16_and_counts_zero_box_rows(tmp_path):
 
 # ------------------------------------------------------------------------------ the generator
 def test_generator_cli_writes_tsvs_with_product_and_distractor_boxes(tmp_path):
-    summary = synthetic.main(["--out", str(tmp_path), "--products", "4", "--train", "8",
-                              "--gallery_per_product", "2", "--dev", "8", "--test", "8",
-                              "--image_size", "48", "--region_features", "--feature_dim", "8"])
+    summary = cli.call(synthetic, ["--out", str(tmp_path), "--products", "4", "--train", "8",
+                                   "--gallery_per_product", "2", "--dev", "8", "--test", "8",
+                                   "--image_size", "48", "--region_features", "--feature_dim", "8"])
     for split, info in summary.items():
         assert info["region_dirty"] == {"zero_boxes": 1, "bad_features": 1, "no_features": 1}
         # A line per image written: clean rows plus the corrupt_image row.
@@ -218,7 +219,7 @@ def test_full_regions_without_tsv_files_says_where_to_put_them(tmp_path):
 def test_region_inputs_match_hand_computed_locations():
     regions = {"features": tf.constant(FEATS, tf.float16), "boxes": tf.constant(BOXES),
                "image_width": tf.constant(200), "image_height": tf.constant(100)}
-    feats, locations, mask = (x.numpy() for x in ip.region_inputs(regions, 5))
+    feats, locations, mask = (x.numpy() for x in vi.region_inputs(regions, 5))
     expected = np.array([
         [10 / 200, 20 / 100, 110 / 200, 70 / 100, 100 * 50 / 20000],  # 0.05 .2 .55 .7 .25
         [0, 0, 1, 1, 1],
@@ -227,19 +228,19 @@ def test_region_inputs_match_hand_computed_locations():
     np.testing.assert_allclose(locations, expected, rtol=1e-6)
     assert mask.tolist() == [1, 1, 1, 0, 0] and feats.dtype == np.float32
     np.testing.assert_array_equal(feats, np.concatenate([FEATS, np.zeros((2, 4))]))
-    feats, locations, mask = (x.numpy() for x in ip.region_inputs(regions, 2))  # Truncated.
+    feats, locations, mask = (x.numpy() for x in vi.region_inputs(regions, 2))  # Truncated.
     assert mask.tolist() == [1, 1] and feats.shape == (2, 4)
     np.testing.assert_allclose(locations, expected[:2], rtol=1e-6)
 
 
 def test_region_masks_skip_padding_and_zero_90_percent():
     real = tf.constant([1] * 10000 + [0] * 10000, tf.int32)
-    selected, zero = (x.numpy() for x in ip.mask_regions(real, ip.example_seed(0, 5), 0.15))
+    selected, zero = (x.numpy() for x in vi.mask_regions(real, ip.example_seed(0, 5), 0.15))
     assert not selected[10000:].any() and not zero[10000:].any()
     assert abs(selected[:10000].mean() - 0.15) < 0.015
     assert np.all(zero <= selected) and abs(zero.sum() / selected.sum() - 0.9) < 0.03
     # The same randomness as the pixels front end on the real slots.
-    patches, _ = ip.mask_patches(20000, ip.example_seed(0, 5), 0.15)
+    patches, _ = vi.mask_patches(20000, ip.example_seed(0, 5), 0.15)
     np.testing.assert_array_equal(selected[:10000], patches.numpy()[:10000])
 
 
@@ -254,7 +255,8 @@ def regions_config(data_dir, **changes):
 def test_train_and_eval_batches(data_dir, builder, tmp_path):
     config = regions_config(data_dir)
     r, b = config.model.visual.num_regions, config.global_batch_size
-    batch = next(ip.create_train_iterator(config, str(tmp_path)))
+    tokenizer = vocab.load_tokenizer(config, str(tmp_path), builder)
+    batch = next(ip.create_train_iterator(config, builder, tokenizer))
     assert {k: (v.shape, v.dtype) for k, v in batch.items() if k.startswith(("visual", "mrm"))} == {
         "visual_feats": ((b, r, DIM), np.float32), "visual_boxes": ((b, r, 5), np.float32),
         "visual_mask": ((b, r), np.int32), "mrm_mask": ((b, r), np.float32),
@@ -265,7 +267,7 @@ def test_train_and_eval_batches(data_dir, builder, tmp_path):
     # Eval: unmasked, and equal to the stored rows computed by hand.
     stored = {ex["id"].decode(): ex["regions"] for ex in tfds.as_numpy(builder.as_dataset("dev"))}
     rows = 0
-    for batch, item_ids, *_ in ip.create_eval_dataset(config, str(tmp_path), "dev"):
+    for batch, item_ids, *_ in ip.EvalDataset(config, builder, tokenizer, "dev", 16):
         assert not batch["mrm_mask"].any() and not batch["mrm_zero"].any()
         for i, item_id in enumerate(item_ids):
             if not item_id:
@@ -286,36 +288,36 @@ def test_train_and_eval_batches(data_dir, builder, tmp_path):
     assert rows == len(stored) == 16
 
 
-def test_front_end_and_dataset_mismatches_are_one_sentence(data_dir, tmp_path):
+def test_front_end_and_dataset_mismatches_are_one_sentence(data_dir, builder, tmp_path):
     with pytest.raises(ValueError, match="has no images .*--config.model.visual.kind=regions"):
-        ip.check_dataset(regions_config(data_dir, **{"model.visual.kind": "pixels"}))
+        ip.check_dataset(regions_config(data_dir, **{"model.visual.kind": "pixels"}), builder)
     with pytest.raises(ValueError, match="stores 24-d region features .*"
                                          "--config.model.visual.feature_dim=24"):
-        ip.check_dataset(regions_config(data_dir, **{"model.visual.feature_dim": 2048}))
+        ip.check_dataset(regions_config(data_dir, **{"model.visual.feature_dim": 2048}), builder)
     images_only = types.SimpleNamespace(info=types.SimpleNamespace(features={"image": None}))
     with pytest.raises(ValueError, match="has no detector region features: use tfds_product1m/"
                                          "full_regions .* or set --config.model.visual.kind="):
-        ip._Visual(regions_config(data_dir), images_only)
+        vi.create(regions_config(data_dir), images_only)
     with pytest.raises(FileNotFoundError, match="full_regions is not built"):
-        ip.check_dataset(regions_config(str(tmp_path), **{"dataset.name":
-                                                           "tfds_product1m/full_regions"}))
+        ip.get_builder(regions_config(str(tmp_path), **{"dataset.name":
+                                                         "tfds_product1m/full_regions"}))
 
 
 # ------------------------------------------------------------------------------ end to end
 def test_tiny_regions_model_trains(data_dir, tmp_path):
     """The trainer on region batches (retrieval on them is `demo_regions`' job, see README)."""
     config = regions_config(data_dir, num_train_steps=3, log_every=1, checkpoint_every=0,
-                            eval_every=-1, **{"mesh.data": 1})  # One device: shardings are
-    result = train.train_and_evaluate(config, str(tmp_path), jax.devices()[:1])  # tested apart.
+                            **{"evals.retrieval.every": -1, "mesh.data": 1})
+    # One device: shardings are tested apart.
+    result = train.train_and_evaluate(config, str(tmp_path), jax.devices()[:1])
     assert result["step"] == 3 and result["finished"]
     losses = [h["loss_mrm"] for h in result["history"]]
     assert all(np.isfinite(losses)) and max(losses) > 0
 
 
-def test_report_without_images_shows_placeholders(data_dir, builder, tmp_path):
-    config = regions_config(data_dir)
+def test_report_without_images_shows_placeholders(builder, tmp_path):
     ids = [ex["id"].decode() for ex in tfds.as_numpy(builder.as_dataset("dev").take(3))]
-    items = report.read_items(config, "dev", set(ids))
+    items = report.read_items(builder, "dev", set(ids))
     assert sorted(items) == sorted(ids) and all(uri == "" for _, uri in items.values())
     scores = {f"top{n}": {"mAP": 1.0, "Prec": 1.0, "mAR": 1.0} for n in (10, 50, 100)}
     path = str(tmp_path / "report.html")

@@ -2,6 +2,7 @@
 scored against the official rules, a known-answer ranking, the baselines, and the HTML report and
 index rendered by headless Chromium."""
 
+import dataclasses
 import glob
 import json
 import os
@@ -9,17 +10,16 @@ import shutil
 import subprocess
 
 import jax
-import ml_collections
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 from flax import nnx
 
 import official_rules
-from capture_jax import input_pipeline, metrics, sharding
-from capture_jax.evaluators import baselines, ranker, report, retrieval
+from capture_jax import cli, evaluators, experiment, input_pipeline, metrics, sharding, train
+from capture_jax.evaluators import baselines, embedding, ground_truth, ranker, report, retrieval
 from capture_jax.models import capture
-from fake_batches import build, tiny_config
+from configs import capture as capture_configs
 
 MESHES = {"8dev_2x2x2": dict(data=2, fsdp=2, model=2), "1dev": dict(data=1)}
 
@@ -87,22 +87,19 @@ def test_top_k_with_fewer_gallery_items_than_k():
 # ------------------------------------------------------------------------- end to end
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    """synthetic_tiny, a random tiny pixels model FSDP-sharded on a 4x2 mesh, and a config."""
+    """synthetic_tiny and a random tiny pixels model FSDP-sharded on a 4x2 mesh: (experiment,
+    model state)."""
     data_dir = str(tmp_path_factory.mktemp("tfds"))
     workdir = str(tmp_path_factory.mktemp("workdir"))
     tfds.builder("tfds_product1m/synthetic_tiny", data_dir=data_dir).download_and_prepare()
-    model = tiny_config("pixels")
-    config = ml_collections.ConfigDict(dict(
-        dataset=dict(name="tfds_product1m/synthetic_tiny", data_dir=data_dir,
-                     train_split="train", shuffle_buffer=64),
-        vocab_path=None, vocab_size=400, seed=0, model=model, eval_batch_size=8,
-        eval=retrieval.eval_config()))
-    config.eval.update(report_queries=5, query_chunk=8, gallery_tile=64)
-    config.model.vocab_size = input_pipeline.load_tokenizer(config, workdir).vocab_size
-    mesh, rules = sharding.make_mesh(dict(data=4, fsdp=2)), sharding.rules("fsdp")
-    graphdef, state = nnx.split(build(config.model))
-    state = jax.device_put(state, sharding.state_shardings(state, mesh, rules))
-    return config, workdir, graphdef, state, mesh, rules
+    config = capture_configs.get_config("tiny")
+    config.update(variant="tiny-test", vocab_size=400, sharding_rules="fsdp")
+    config.dataset.update(name="tfds_product1m/synthetic_tiny", data_dir=data_dir)
+    config.mesh.update(data=4, fsdp=2, model=1)
+    config.evals.retrieval.update(batch_size=8, report_queries=5, query_chunk=8, gallery_tile=64)
+    exp = experiment.setup(config, workdir)
+    with exp.context():
+        return exp, train.create_train_state(exp.config, exp.tx, exp.shapes).model
 
 
 def read_split(config, split):
@@ -117,9 +114,9 @@ KINDS = (*capture.FEATURE_KINDS, "tfidf", "color_histogram")
 
 @pytest.fixture(scope="module")
 def evaluated(setup):
-    config, workdir, graphdef, state, mesh, rules = setup
-    return dict(retrieval.evaluate(config, workdir, graphdef, state, mesh, rules, step=7,
-                                   run_info={"variant": "tiny-test"}))
+    exp, state = setup
+    [evaluator] = evaluators.create(exp)  # config.evals.retrieval
+    return dict(evaluator.evaluate(state, step=7))
 
 
 def raw_dir(config):
@@ -129,12 +126,14 @@ def raw_dir(config):
 
 
 def test_embed_split_equals_unsharded_embedding_in_dataset_order(setup):
-    config, workdir, graphdef, state, mesh, rules = setup
-    dev = retrieval.embed_split(config, workdir, graphdef, state, mesh, rules, "dev")
-    embed = jax.jit(lambda s, b: nnx.merge(graphdef, s).embed(b)["joint"])
+    exp, state = setup
+    config = exp.config
+    dev = embedding.embed_split(exp, state, "dev", 8, ("color_histogram",))
+    embed = jax.jit(lambda s, b: nnx.merge(exp.shapes.model_def, s).embed(b)["joint"])
     single = jax.device_put(jax.device_get(state), jax.devices()[0])
     expected, expected_ids, expected_titles = [], [], []
-    for batch, item_ids, _, titles in input_pipeline.create_eval_dataset(config, workdir, "dev"):
+    for batch, item_ids, _, titles in input_pipeline.EvalDataset(config, exp.builder,
+                                                                 exp.tokenizer, "dev", 8):
         valid = batch["valid"] == 1
         expected.append(np.asarray(embed(single, batch))[valid])
         expected_ids += list(item_ids[valid])
@@ -153,8 +152,9 @@ def test_embed_split_equals_unsharded_embedding_in_dataset_order(setup):
 def test_ground_truth_keeps_rows_the_build_skipped(setup):
     """The metadata holds every gallery row of the text file, the unbuilt ones included, with the
     labels the official rules read (spaces kept)."""
-    config = setup[0]
-    gt = retrieval.load_ground_truth(config)
+    exp = setup[0]
+    config = exp.config
+    gt = ground_truth.load(exp.builder, "gallery", ("dev", "test"))
     from tfds_product1m import product1m_files
     official = product1m_files.read_official_labels(
         os.path.join(raw_dir(config), "product1m_gallery_ossurl_v2.txt"))
@@ -163,13 +163,13 @@ def test_ground_truth_keeps_rows_the_build_skipped(setup):
     skipped = set(gt.gallery) - built
     assert len(skipped) >= 2  # missing_image, corrupt_image (and the space-padded id).
     assert any("spaces" in w for w in gt.warnings)
-    note = retrieval.unreachable_note("dev", gt, built)
+    note = ground_truth.unreachable_note("dev", gt, built)
     assert f"{len(skipped)} of the {len(gt.gallery)} gallery rows" in note
 
 
 def test_in_run_scores_equal_the_scoring_command_and_the_official_script(setup, evaluated,
                                                                          tmp_path):
-    config, workdir, *_ = setup
+    config, workdir = setup[0].config, setup[0].workdir
     scores = evaluated
     gt_dir = raw_dir(config)
     num_gallery = len(read_split(config, "gallery"))
@@ -193,8 +193,8 @@ def test_in_run_scores_equal_the_scoring_command_and_the_official_script(setup, 
                 qid, *ids = line.split(",")
                 assert qid in query_ids and len(ids) == len(set(ids)) == min(100, num_gallery)
             written = open(os.path.join(out, "metric_results.json"), "rb").read()
-            metrics.main(["--gt_dir", gt_dir, "--retrieval_file", ret,
-                          "--output_dir", str(tmp_path / split / kind)])
+            cli.call(metrics, ["--gt_dir", gt_dir, "--retrieval_file", ret,
+                               "--output_dir", str(tmp_path / split / kind)])
             assert (tmp_path / split / kind / "metric_results.json").read_bytes() == written
             official_rules.write_json(tmp_path / "official.json",
                                       official_rules.score_files(str(usable), ret))
@@ -208,7 +208,7 @@ def test_in_run_scores_equal_the_scoring_command_and_the_official_script(setup, 
 
 
 def test_index_lists_every_kind_and_baseline_with_links(setup, evaluated):
-    workdir = setup[1]
+    workdir = setup[0].workdir
     page = open(os.path.join(workdir, "retrieval", "index.html"), encoding="utf-8").read()
     for split in ("dev", "test"):
         for kind in KINDS:
@@ -219,7 +219,7 @@ def test_index_lists_every_kind_and_baseline_with_links(setup, evaluated):
 
 def test_known_answer_ranking_scores_1(setup, monkeypatch):
     """Gallery items of label j are e_j; a query is the sum of its labels' e_j: positives first."""
-    config, workdir, graphdef, state, mesh, rules = setup
+    exp, state = setup
     rng = np.random.default_rng(3)
     labels = [f"brand{j} product" for j in range(30)]
     g_labels = [[labels[j]] for j in range(30) for _ in range(3)]  # 3 items per label
@@ -230,20 +230,20 @@ def test_known_answer_ranking_scores_1(setup, monkeypatch):
     ids = {s: [f"{s}{i:04d}" for i in range(n)] for s, n in (("gallery", 90), ("dev", 20),
                                                               ("test", 20))}
 
-    def fake_embed_split(config, workdir, graphdef, model_state, mesh, rules, split):
+    def fake_embed_split(experiment, model_state, split, batch_size, image_baselines=()):
         feats, ls = (g_feats, g_labels) if split == "gallery" else (q_feats, q_labels)
-        return retrieval.Embedded({k: feats for k in capture.FEATURE_KINDS}, ids[split], ls,
+        return embedding.Embedded({k: feats for k in capture.FEATURE_KINDS}, ids[split], ls,
                                   [""] * len(ls))
 
-    gt = retrieval.GroundTruth(dict(zip(ids["gallery"], (ls[0] for ls in g_labels))),
+    gt = ground_truth.GroundTruth(dict(zip(ids["gallery"], (ls[0] for ls in g_labels))),
                                {s: dict(zip(ids[s], map(tuple, q_labels))) for s in ("dev", "test")},
                                [])
-    monkeypatch.setattr(retrieval, "embed_split", fake_embed_split)
-    monkeypatch.setattr(retrieval, "load_ground_truth", lambda config: gt)
-    config = ml_collections.ConfigDict(config.to_dict())
-    config.eval.update(report_queries=0, baselines=())
-    scores = dict(retrieval.evaluate(config, workdir + "/known", graphdef, state, mesh, rules,
-                                     step=0))
+    monkeypatch.setattr(embedding, "embed_split", fake_embed_split)
+    monkeypatch.setattr(ground_truth, "load", lambda *args: gt)
+    fields = {k: v for k, v in exp.config.evals.retrieval.items() if k not in ("type", "every")}
+    fields.update(report_queries=0, baselines=())
+    known = dataclasses.replace(exp, workdir=exp.workdir + "/known")
+    scores = dict(retrieval.Evaluator(known, **fields).evaluate(state, step=0))
     assert len(scores) == 2 * len(capture.FEATURE_KINDS) * 9
     assert all(v == 100.0 for v in scores.values())
 
@@ -311,11 +311,11 @@ def test_report_and_index_render_in_headless_chromium(setup, evaluated, tmp_path
     def count(pixels, rgb):
         return int((np.abs(pixels - rgb).sum(1) < 40).sum())
 
-    pixels = screenshot(os.path.join(setup[1], "retrieval", "dev", "joint", "report.html"),
+    pixels = screenshot(os.path.join(setup[0].workdir, "retrieval", "dev", "joint", "report.html"),
                         "report")
     assert count(pixels, (0x1A, 0x8F, 0x2E)) + count(pixels, (0xC6, 0x28, 0x28)) > 1000  # borders
     assert len(np.unique(pixels[::97], axis=0)) > 200  # thumbnails drew (not a blank page)
-    pixels = screenshot(os.path.join(setup[1], "retrieval", "index.html"), "index")
+    pixels = screenshot(os.path.join(setup[0].workdir, "retrieval", "index.html"), "index")
     assert count(pixels, (0xEA, 0xF6, 0xEA)) > 2000  # The best rows' background.
     assert count(pixels, (0x22, 0x22, 0x22)) + count(pixels, (0x00, 0x00, 0xEE)) > 5000  # text
 
@@ -333,11 +333,10 @@ def test_report_escapes_text_and_marks_hits(tmp_path):
     assert "AP@10 25.0" in text and "7 gallery positives" in text and "Shown: &lt;all&gt;." in text
 
 
-def test_dataset_without_ground_truth_asks_for_a_rebuild(setup, monkeypatch):
+def test_dataset_without_ground_truth_asks_for_a_rebuild():
     import types
     old = types.SimpleNamespace(info=types.SimpleNamespace(
         metadata={"build_stats": {}}, full_name="tfds_product1m/synthetic_tiny/1.0.0"),
         data_dir="/data/tfds_product1m/synthetic_tiny/1.0.0")
-    monkeypatch.setattr(input_pipeline, "get_builder", lambda config: old)
     with pytest.raises(ValueError, match=r"without the official ground truth .* rebuild it"):
-        retrieval.load_ground_truth(setup[0])
+        ground_truth.load(old, "gallery", ("dev", "test"))

@@ -10,6 +10,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from capture_jax import losses, sharding
 from capture_jax.models import capture
+from configs import capture as capture_configs
 from fake_batches import FAST_COMPILE, build, make_batch, tiny_config
 
 
@@ -66,7 +67,8 @@ LAYOUTS = [  # (mesh shape, rules, a parameter path, its expected spec)
 def reference():
     """The tiny model's loss and gradients on one device, without mesh or rules."""
     model_config = tiny_config("regions")
-    config = ml_collections.ConfigDict(dict(model=model_config, loss=losses.loss_config()))
+    config = ml_collections.ConfigDict(dict(model=model_config,
+                                            loss=capture_configs.get_config().loss))
     graphdef, state = nnx.split(build(model_config))
     batch = make_batch(model_config, batch_size=8)
     grad_fn = loss_fn(graphdef, config)

@@ -14,6 +14,7 @@ import re
 import pytest
 from PIL import Image, ImageOps
 
+from capture_jax import cli
 from tfds_product1m import synthetic
 
 SEP, LABEL_SEP = "#####", "#;#"
@@ -205,9 +206,9 @@ def test_ids_are_stable_and_unique():
 
 def test_cli_writes_a_directory(tmp_path, capsys):
     out = tmp_path / "p1m"
-    summary = synthetic.main(["--out", str(out), "--products", "8", "--train", "16",
-                              "--gallery_per_product", "2", "--dev", "8", "--test", "8",
-                              "--image_size", "40", "--seed", "5"])
+    summary = cli.call(synthetic, ["--out", str(out), "--products", "8", "--train", "16",
+                                   "--gallery_per_product", "2", "--dev", "8", "--test", "8",
+                                   "--image_size", "40", "--seed", "5"])
     assert summary["gallery"]["examples"] == 16 and summary["train"]["dirty"]["cmyk"] == 1
     assert "wrote" in capsys.readouterr().out
     for split in synthetic.SPLITS:
@@ -217,16 +218,16 @@ def test_cli_writes_a_directory(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--products", "1"], "--products: must be an integer >= 2"),
-    (["--train", "-3"], "--train: must be an integer >= 1"),
-    (["--dev", "many"], "--dev: must be an integer >= 1"),
+    (["--products", "1"], "--products=1: must be an integer >= 2"),
+    (["--train", "-3"], "--train=-3: must be an integer >= 1"),
+    (["--dev", "many"], "--dev=many: must be an integer >= 1"),
     (["--products", "10", "--train", "5"], "num_train must be >= num_products"),
     (["--dev", "3"], "every split needs >= 8 rows"),
     (["--image_size", "4000"], "image_size must be 32..1024"),
 ])
 def test_cli_rejects_bad_args_with_one_sentence(tmp_path, capsys, args, message):
     with pytest.raises(SystemExit) as exc:
-        synthetic.main(["--out", str(tmp_path / "x")] + args)
+        cli.call(synthetic, ["--out", str(tmp_path / "x")] + args)
     assert exc.value.code == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "x").exists()

@@ -14,7 +14,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 import tfds_product1m  # noqa: F401  (registers the builder)
-from capture_jax import train
+from capture_jax import checkpointing, evaluators, experiment, train, vocab
 from configs import capture as capture_configs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -30,7 +30,7 @@ def data_dir(tmp_path_factory):
 def tiny_config(data_dir, **changes):
     config = capture_configs.get_config("tiny")
     config.dataset.data_dir = data_dir
-    config.eval_every = -1  # Retrieval is tested on its own; here only training.
+    config.evals.retrieval.every = -1  # Retrieval is tested on its own; here only training.
     config.log_every = 1
     config.update(changes)
     return config
@@ -119,26 +119,102 @@ def test_start_from_bert_loads_its_text_stream_and_vocabulary(data_dir, tmp_path
     config.model.update(max_text_positions=BERT["max_position_embeddings"])
     config.model.text.num_layers = 4
     config.init_from.bert = bert_dir
-    config = train._resolve_init(config)
-    assert config.vocab_path == os.path.join(bert_dir, "vocab.txt")
-    tokenizer = train.input_pipeline.load_tokenizer(config, str(tmp_path / "w"))
-    config = train._with_vocab_size(config, tokenizer.vocab_size)
-    mesh, rules = train.sharding.make_mesh({"data": -1}), train.sharding.rules("dp")
-    manager = train.checkpointing.create_manager(str(tmp_path / "w"))
-    with jax.set_mesh(mesh), train.nnx.logical_axis_rules(rules):
-        state, step, origin = train.restore_or_initialize(
-            config, str(tmp_path / "w"), mesh, rules, train.optim.create_optimizer(config), manager)
+    exp = experiment.setup(config, str(tmp_path / "w"))
+    assert exp.config.vocab_path == os.path.join(bert_dir, "vocab.txt")
+    assert exp.tokenizer.vocab_size == BERT["vocab_size"]
+    manager = checkpointing.create_manager(str(tmp_path / "w"))
+    state, step, origin = train.restore_or_initialize(exp, manager)
     assert step == 0 and origin.startswith("text stream from BERT")
     np.testing.assert_array_equal(state.model["text_embeddings"]["word_embeddings"]["embedding"][...],
                                   weights["bert.embeddings.word_embeddings.weight"])
     config.init_from.checkpoint = str(tmp_path)
     with pytest.raises(ValueError, match="not both"):
-        train._resolve_init(config)
+        experiment.resolve_init(config)
+
+
+TOY_EVALUATOR = '''"""A user's own evaluator: the step times `scale`; whether the parameters are finite."""
+import jax
+import numpy as np
+
+
+class Evaluator:
+    def __init__(self, experiment, *, scale):
+        self.scale = scale
+
+    def evaluate(self, model_state, step):
+        leaves = [np.asarray(jax.device_get(x)) for x in jax.tree.leaves(model_state)]
+        yield "scaled_step", self.scale * step
+        yield "finite_params", float(all(np.isfinite(x).all() for x in leaves))
+'''
+
+
+def _written_scalars(workdir, prefix):
+    """{(step, tag): value} of the TensorBoard scalars under `prefix` in `workdir`'s event files."""
+    import tensorflow as tf
+
+    found = {}
+    for name in os.listdir(workdir):
+        if name.startswith("events.out.tfevents"):
+            for record in tf.data.TFRecordDataset(os.path.join(workdir, name)):
+                event = tf.compat.v1.Event.FromString(record.numpy())
+                for value in event.summary.value:
+                    if value.tag.startswith(prefix):
+                        found[event.step, value.tag] = float(tf.make_ndarray(value.tensor))
+    return found
+
+
+def test_config_declared_evaluator_runs_and_the_tokenizer_loads_once(data_dir, tmp_path,
+                                                                      monkeypatch):
+    """A new evaluator is a config entry and a module; train.py is not touched."""
+    (tmp_path / "my_evals").mkdir()
+    (tmp_path / "my_evals" / "__init__.py").write_text("")
+    (tmp_path / "my_evals" / "toy.py").write_text(TOY_EVALUATOR)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    loads, real_init = [], vocab.Tokenizer.__init__
+
+    def counting_init(self, *args, **kwargs):
+        loads.append(args)
+        real_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(vocab.Tokenizer, "__init__", counting_init)
+    config = tiny_config(data_dir)
+    config.evals.retrieval.update(every=0, feature_kinds=("joint",), report_queries=0)
+    config.evals.toy = dict(type="my_evals.toy", every=4, scale=2.5)
+    workdir = str(tmp_path / "w")
+    result = train.train_and_evaluate(config, workdir)
+    assert len(loads) == 1  # Vocabulary learned and tokenizer loaded once; training and eval share it.
+    assert result["scores"][4] == {"toy/scaled_step": 10.0, "toy/finite_params": 1.0}
+    assert result["scores"][6]["toy/scaled_step"] == 15.0  # And at the end.
+    assert "retrieval/dev/joint/mAP@10" in result["scores"][6]
+    written = _written_scalars(workdir, "toy/")
+    assert written == {(4, "toy/scaled_step"): 10.0, (4, "toy/finite_params"): 1.0,
+                       (6, "toy/scaled_step"): 15.0, (6, "toy/finite_params"): 1.0}
+
+
+@pytest.mark.parametrize("entry,message", [
+    (dict(type="no_such_evaluator", every=0), "there is no module capture_jax.evaluators.no_such"),
+    (dict(type="retrieval"), "lacks \\['every'\\]"),
+    (dict(type="my_evals.toy", every=0, scale=1, colour="red"), "fields \\['colour'\\] that"),
+    (dict(type="my_evals.toy", every=0), "lacks the fields \\['scale'\\]"),
+])
+def test_evaluator_config_mistakes_are_one_sentence(tmp_path, monkeypatch, entry, message):
+    import types
+
+    import ml_collections
+
+    (tmp_path / "my_evals").mkdir()
+    (tmp_path / "my_evals" / "__init__.py").write_text("")
+    (tmp_path / "my_evals" / "toy.py").write_text(TOY_EVALUATOR)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    config = ml_collections.ConfigDict({"evals": {"bad": entry}})
+    with pytest.raises(ValueError, match=f"config.evals.bad.*{message}"):
+        evaluators.create(types.SimpleNamespace(config=config))
 
 
 def _start_main(workdir, data_dir, *overrides):
     cmd = [sys.executable, "main.py", "--config", "configs/capture.py:tiny", "--workdir", workdir,
-           f"--config.dataset.data_dir={data_dir}", "--config.eval_every=-1", *overrides]
+           f"--config.dataset.data_dir={data_dir}", "--config.evals.retrieval.every=-1",
+           *overrides]
     return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
 

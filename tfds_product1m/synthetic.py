@@ -35,7 +35,6 @@ Command: python -m tfds_product1m.synthetic --out DIR [--products N] [--train N]
 
 from __future__ import annotations
 
-import argparse
 import colorsys
 import dataclasses
 import functools
@@ -45,10 +44,13 @@ import os
 import pathlib
 import random
 import time
+from collections.abc import Sequence
 
 import numpy as np
+from absl import flags
 from PIL import Image, ImageDraw
 
+from capture_jax import cli
 from tfds_product1m import region_features
 from tfds_product1m.product1m_files import FIELD_SEP as SEP
 from tfds_product1m.product1m_files import LABEL_SEP, SPLITS, split_filename
@@ -573,38 +575,50 @@ def write_product1m(out_dir: str | os.PathLike, spec: SyntheticSpec) -> dict:
     return summary
 
 
-def _count(minimum: int):
-    """argparse type: an integer >= minimum, else one clear sentence."""
-    def integer(text: str) -> int:
-        if not text.lstrip("-").isdigit() or int(text) < minimum:
-            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {text!r}")
+# ------------------------------------------------------------------------------ the command
+class _AtLeast(flags.ArgumentParser):
+    """An integer flag >= `minimum`; any other value reads 'must be an integer >= N, got X'."""
+
+    def __init__(self, minimum: int):
+        self.minimum = minimum
+        self.syntactic_help = f"an integer >= {minimum}"
+
+    def parse(self, argument) -> int:
+        text = str(argument)
+        if not text.lstrip("-").isdigit() or int(text) < self.minimum:
+            raise ValueError(f"must be an integer >= {self.minimum}, got {text!r}")
         return int(text)
-    return integer
+
+    def flag_type(self) -> str:
+        return "int"
 
 
-def main(argv: list[str] | None = None) -> dict:
-    """Command line: writes a synthetic Product1M directory and prints a one-line summary."""
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", required=True, help="output directory")
-    flags = {"products": ("num_products", 2), "train": ("num_train", 1),
-             "gallery_per_product": ("gallery_per_product", 1), "dev": ("num_dev", 1),
-             "test": ("num_test", 1), "image_size": ("image_size", 32), "seed": ("seed", 0),
-             "feature_dim": ("feature_dim", 1)}
-    for flag, (field, minimum) in flags.items():
-        ap.add_argument(f"--{flag}", dest=field, type=_count(minimum),
-                        default=getattr(SyntheticSpec(), field), help=f"integer >= {minimum}")
-    ap.add_argument("--no_dirty", dest="dirty", action="store_false",
-                    help="write no deliberately dirty rows")
-    ap.add_argument("--region_features", action="store_true",
-                    help="also write bottom-up-attention style region feature TSVs "
-                         "(stand-in detector, --feature_dim wide)")
-    args = vars(ap.parse_args(argv))
-    out_dir = args.pop("out")
-    spec = SyntheticSpec(**args)
+FLAGS = flags.FlagValues()  # The command's own flags (the TFDS builder imports this module).
+flags.DEFINE_string("out", None, "Output directory.", required=True, flag_values=FLAGS)
+# Integer flag -> (SyntheticSpec field it sets, its smallest value).
+_COUNT_FLAGS = {"products": ("num_products", 2), "train": ("num_train", 1),
+                "gallery_per_product": ("gallery_per_product", 1), "dev": ("num_dev", 1),
+                "test": ("num_test", 1), "image_size": ("image_size", 32), "seed": ("seed", 0),
+                "feature_dim": ("feature_dim", 1)}
+for _flag, (_field, _minimum) in _COUNT_FLAGS.items():
+    flags.DEFINE(_AtLeast(_minimum), _flag, getattr(SyntheticSpec(), _field),
+                 f"SyntheticSpec.{_field}.", flag_values=FLAGS)
+flags.DEFINE_bool("no_dirty", False, "Write no deliberately dirty rows.", flag_values=FLAGS)
+flags.DEFINE_bool("region_features", False, "Also write bottom-up-attention style region "
+                  "feature TSVs (stand-in detector, --feature_dim wide).", flag_values=FLAGS)
+
+
+def main(argv: Sequence[str]) -> dict:
+    """Writes a synthetic Product1M directory per the flags and prints a one-line summary;
+    returns `write_product1m`'s summary."""
+    cli.no_arguments(argv)
+    spec = SyntheticSpec(dirty=not FLAGS.no_dirty, region_features=FLAGS.region_features,
+                         **{field: FLAGS[flag].value for flag, (field, _) in _COUNT_FLAGS.items()})
     try:
         spec.validate()
     except ValueError as e:
-        ap.error(str(e))
+        cli.usage_error(str(e).rstrip("."), cli.USAGE_STATUS)
+    out_dir = FLAGS.out
     start = time.perf_counter()
     summary = write_product1m(out_dir, spec)
     secs = time.perf_counter() - start
@@ -616,4 +630,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main, FLAGS)

@@ -41,12 +41,13 @@ def check(names: Sequence[str], visual_kind: str) -> None:
     """One sentence if a baseline is unknown or does not fit the visual front end."""
     for name in names:
         if name not in BASELINES:
-            raise ValueError(f"Unknown baseline {name!r} in config.eval.baselines; choose from "
-                             f"{sorted(BASELINES)}.")
+            raise ValueError(f"Unknown baseline {name!r} in config.evals.retrieval.baselines; "
+                             f"choose from {sorted(BASELINES)}.")
         kinds = BASELINES[name]
         if kinds is not None and visual_kind not in kinds:
             raise ValueError(f"Baseline {name!r} needs a {'/'.join(kinds)} front end but the model "
-                             f"has visual.kind={visual_kind!r}: drop it from config.eval.baselines.")
+                             f"has visual.kind={visual_kind!r}: drop it from "
+                             "config.evals.retrieval.baselines.")
 
 
 def image_features(batch: Mapping[str, jax.Array], names: Sequence[str], mean, std

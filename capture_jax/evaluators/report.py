@@ -32,7 +32,7 @@ img{width:128px;height:128px;object-fit:contain;background:#ddd;display:block}
 .t{max-height:3.6em;overflow:hidden}.l{color:#555}.note{color:#444;max-width:60em}"""
 
 
-def read_items(config, split: str, wanted: set[str]) -> dict[str, tuple[str, str]]:
+def read_items(builder, split: str, wanted: set[str]) -> dict[str, tuple[str, str]]:
     """{id: (title, thumbnail data URI)} for the `wanted` ids of `split`, read from TFDS.
 
     The URI is "" (the report draws a placeholder) when the dataset stores no images (the
@@ -41,7 +41,6 @@ def read_items(config, split: str, wanted: set[str]) -> dict[str, tuple[str, str
     import tensorflow_datasets as tfds
     from PIL import Image
 
-    builder = tfds.builder(config.dataset.name, data_dir=config.dataset.data_dir)
     has_images = "image" in builder.info.features
     ds = builder.as_dataset(
         split=split, shuffle_files=False,

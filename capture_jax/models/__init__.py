@@ -1,6 +1,6 @@
-"""Model code: building blocks (`layers`), the CAPTURE model (`capture`), variants (`variants`)."""
+"""Model code: building blocks (`layers`), the CAPTURE model (`capture`), FLOP counts (`cost`).
+Model sizes are data: `config.model` of `configs/capture.py`."""
 
 from capture_jax.models.capture import CaptureModel
-from capture_jax.models.variants import model_config
 
-__all__ = ["CaptureModel", "model_config"]
+__all__ = ["CaptureModel"]

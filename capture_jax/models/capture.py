@@ -1,10 +1,8 @@
 """CAPTURE (Zhan et al., ICCV 2021) in Flax NNX: two single-modality streams, co-attention, a
-joint encoder, contrastive poolers and MLM/MRM heads. CAPTURE_SPEC.md gives the exact shapes.
+joint encoder, contrastive poolers and MLM/MRM heads. docs/reference.md gives the exact shapes.
 
-Two visual front ends (`config.visual.kind`): `regions` takes detector features and boxes;
-`pixels` cuts the image into a grid of patches and treats each patch as a region (feature = its
-pixels, optionally through a conv stem; box = its grid cell). Both prepend a global token (mean
-of the real, already MRM-zeroed region features, box [0, 0, 1, 1, 1]).
+The visual front end (`config.visual.kind`: `regions` or `pixels`) is a class of
+`frontends.py`; it turns the batch's visual inputs into regions and MRM targets.
 
 Dropout: `model(batch, train=True, dropout_key=key)`. The key is an argument, not model state, so
 the model can run inside a plain `jax.jit` over split/merged state and a trainer that passes
@@ -13,53 +11,9 @@ the model can run inside a plain `jax.jit` over split/merged state and a trainer
 Reference bugs fixed here: the joint encoder's key-padding mask is per sample (the reference
 tiles it across heads in the wrong order, so a head of one sample used another sample's padding);
 the unused co-attention projections `q_dense1/2` and the unused joint pooler are left out.
-
-Reference state-dict name table (PyTorch `name.weight` [out, in] -> our `path.kernel` [in, out],
-transposed; LayerNorm `weight` -> `scale`; Embedding `weight` -> `embedding`; `bias` -> `bias`;
-`{i}` = layer index). Also `REFERENCE_MODULES` below; `reference_name_table` expands it.
-  bert.embeddings.word_embeddings -> text_embeddings.word_embeddings
-  bert.embeddings.position_embeddings -> text_embeddings.position_embeddings
-  bert.embeddings.token_type_embeddings -> text_embeddings.token_type_embeddings
-  bert.embeddings.LayerNorm -> text_embeddings.layer_norm
-  bert.v_embeddings.image_embeddings -> visual_embeddings.feature_embeddings
-  bert.v_embeddings.image_location_embeddings -> visual_embeddings.location_embeddings
-  bert.v_embeddings.LayerNorm -> visual_embeddings.layer_norm
-  bert.encoder.{layer,v_layer}.{i}.attention.self.query -> {text,visual}_layers.{i}.attention.query
-    (likewise key, value); .attention.output.dense -> .attention.out;
-    .attention.output.LayerNorm -> .attention.norm; .intermediate.dense -> .ffn.intermediate;
-    .output.dense -> .ffn.output; .output.LayerNorm -> .ffn.norm
-  bert.encoder.c_layer.{i}.biattention.query1 -> co_layers.{i}.visual_query (key1, value1 alike)
-  bert.encoder.c_layer.{i}.biattention.query2 -> co_layers.{i}.text_query (key2, value2 alike)
-  bert.encoder.c_layer.{i}.biOutput.dense1 -> co_layers.{i}.visual_out
-  bert.encoder.c_layer.{i}.biOutput.LayerNorm1 -> co_layers.{i}.visual_norm
-  bert.encoder.c_layer.{i}.biOutput.dense2 -> co_layers.{i}.text_out
-  bert.encoder.c_layer.{i}.biOutput.LayerNorm2 -> co_layers.{i}.text_norm
-  bert.encoder.c_layer.{i}.{v,t}_intermediate.dense -> co_layers.{i}.{visual,text}_ffn.intermediate
-  bert.encoder.c_layer.{i}.{v,t}_output.dense -> co_layers.{i}.{visual,text}_ffn.output
-  bert.encoder.c_layer.{i}.{v,t}_output.LayerNorm -> co_layers.{i}.{visual,text}_ffn.norm
-  bert.encoder.t_pooler.dense -> text_pooler;  bert.encoder.v_pooler.dense -> visual_pooler
-  bert.cross_encoder.embeddings.position_embeddings -> joint.position_embeddings
-  bert.cross_encoder.transformer.resblocks.{i}.attn.in_proj_{weight,bias}
-    -> joint.blocks.{i}.attention.in_proj.{kernel (transposed),bias}  (fused q|k|v, 3*768)
-  bert.cross_encoder.transformer.resblocks.{i}.attn.out_proj -> joint.blocks.{i}.attention.out_proj
-  bert.cross_encoder.transformer.resblocks.{i}.ln_1 -> joint.blocks.{i}.attention_norm
-  bert.cross_encoder.transformer.resblocks.{i}.ln_2 -> joint.blocks.{i}.mlp_norm
-  bert.cross_encoder.transformer.resblocks.{i}.mlp.c_fc -> joint.blocks.{i}.mlp_in
-  bert.cross_encoder.transformer.resblocks.{i}.mlp.c_proj -> joint.blocks.{i}.mlp_out
-  bert.t_fc.dense -> text_out;  bert.v_fc.dense -> visual_out
-  cls.t_fc -> text_head_proj;  cls.v_fc -> visual_head_proj
-  cls.predictions.transform.dense -> mlm_head.dense
-  cls.predictions.transform.LayerNorm -> mlm_head.layer_norm
-  cls.predictions.bias -> mlm_head.bias
-  cls.predictions.decoder.weight: tied to bert.embeddings.word_embeddings (not a parameter here)
-  cls.imagePredictions.transform.dense -> mrm_head.dense
-  cls.imagePredictions.transform.LayerNorm -> mrm_head.layer_norm
-  cls.imagePredictions.decoder -> mrm_head.decoder
-  Unused in the reference, left out: bert.encoder.c_layer.{i}.biOutput.q_dense{1,2},
-  bert.cross_encoder.pooler.{ln_pool,dense}.
+`capture_jax/reference_names.py` maps the reference's tensor names to these parameters.
 """
 
-import re
 from collections.abc import Mapping
 
 import jax
@@ -68,98 +22,12 @@ import ml_collections
 from absl import logging
 from flax import nnx
 
-from capture_jax.models import layers
+from capture_jax.models import frontends, layers
 from capture_jax.models.layers import ACTIVATION, Common, dense, embedding, split_key
 from capture_jax.sharding import constrain
 
 Array = jax.Array
 Batch = Mapping[str, Array]
-
-# (reference module, our module, kind); kind gives the leaf names (see `reference_name_table`).
-_BERT_LAYER = (
-    ("attention.self.query", "attention.query", "linear"),
-    ("attention.self.key", "attention.key", "linear"),
-    ("attention.self.value", "attention.value", "linear"),
-    ("attention.output.dense", "attention.out", "linear"),
-    ("attention.output.LayerNorm", "attention.norm", "norm"),
-    ("intermediate.dense", "ffn.intermediate", "linear"),
-    ("output.dense", "ffn.output", "linear"),
-    ("output.LayerNorm", "ffn.norm", "norm"),
-)
-_QKV = ("query", "key", "value")
-_VT = (("v", "visual"), ("t", "text"))
-_CO_LAYER = (
-    *((f"biattention.{n}1", f"visual_{n}", "linear") for n in _QKV),
-    *((f"biattention.{n}2", f"text_{n}", "linear") for n in _QKV),
-    ("biOutput.dense1", "visual_out", "linear"),
-    ("biOutput.LayerNorm1", "visual_norm", "norm"),
-    ("biOutput.dense2", "text_out", "linear"),
-    ("biOutput.LayerNorm2", "text_norm", "norm"),
-    *((f"{r}_intermediate.dense", f"{o}_ffn.intermediate", "linear") for r, o in _VT),
-    *((f"{r}_output.dense", f"{o}_ffn.output", "linear") for r, o in _VT),
-    *((f"{r}_output.LayerNorm", f"{o}_ffn.norm", "norm") for r, o in _VT),
-)
-_JOINT_BLOCK = (
-    ("attn.in_proj", "attention.in_proj", "fused"),
-    ("attn.out_proj", "attention.out_proj", "linear"),
-    ("ln_1", "attention_norm", "norm"),
-    ("ln_2", "mlp_norm", "norm"),
-    ("mlp.c_fc", "mlp_in", "linear"),
-    ("mlp.c_proj", "mlp_out", "linear"),
-)
-REFERENCE_MODULES = (
-    ("bert.embeddings.word_embeddings", "text_embeddings.word_embeddings", "embed"),
-    ("bert.embeddings.position_embeddings", "text_embeddings.position_embeddings", "embed"),
-    ("bert.embeddings.token_type_embeddings", "text_embeddings.token_type_embeddings", "embed"),
-    ("bert.embeddings.LayerNorm", "text_embeddings.layer_norm", "norm"),
-    ("bert.v_embeddings.image_embeddings", "visual_embeddings.feature_embeddings", "linear"),
-    ("bert.v_embeddings.image_location_embeddings", "visual_embeddings.location_embeddings",
-     "linear"),
-    ("bert.v_embeddings.LayerNorm", "visual_embeddings.layer_norm", "norm"),
-    *((f"bert.encoder.layer.{{i}}.{r}", f"text_layers.{{i}}.{o}", k) for r, o, k in _BERT_LAYER),
-    *((f"bert.encoder.v_layer.{{i}}.{r}", f"visual_layers.{{i}}.{o}", k)
-      for r, o, k in _BERT_LAYER),
-    *((f"bert.encoder.c_layer.{{i}}.{r}", f"co_layers.{{i}}.{o}", k) for r, o, k in _CO_LAYER),
-    ("bert.encoder.t_pooler.dense", "text_pooler", "linear"),
-    ("bert.encoder.v_pooler.dense", "visual_pooler", "linear"),
-    ("bert.cross_encoder.embeddings.position_embeddings", "joint.position_embeddings", "embed"),
-    *((f"bert.cross_encoder.transformer.resblocks.{{i}}.{r}", f"joint.blocks.{{i}}.{o}", k)
-      for r, o, k in _JOINT_BLOCK),
-    ("bert.t_fc.dense", "text_out", "linear"),
-    ("bert.v_fc.dense", "visual_out", "linear"),
-    ("cls.t_fc", "text_head_proj", "linear"),
-    ("cls.v_fc", "visual_head_proj", "linear"),
-    ("cls.predictions.transform.dense", "mlm_head.dense", "linear"),
-    ("cls.predictions.transform.LayerNorm", "mlm_head.layer_norm", "norm"),
-    ("cls.predictions", "mlm_head", "bias"),
-    ("cls.imagePredictions.transform.dense", "mrm_head.dense", "linear"),
-    ("cls.imagePredictions.transform.LayerNorm", "mrm_head.layer_norm", "norm"),
-    ("cls.imagePredictions.decoder", "mrm_head.decoder", "linear"),
-)
-_LEAVES = {  # kind -> ((reference leaf suffix, our leaf suffix, transpose), ...)
-    "linear": ((".weight", ".kernel", True), (".bias", ".bias", False)),
-    "norm": ((".weight", ".scale", False), (".bias", ".bias", False)),
-    "embed": ((".weight", ".embedding", False),),
-    "bias": ((".bias", ".bias", False),),
-    "fused": (("_weight", ".kernel", True), ("_bias", ".bias", False)),  # nn.MultiheadAttention
-}
-TIED_REFERENCE_TENSORS = ("cls.predictions.decoder.weight",)  # = word embeddings
-UNUSED_REFERENCE_TENSORS = re.compile(  # built by the reference, never trained: left out
-    r"bert\.encoder\.c_layer\.\d+\.biOutput\.q_dense[12]\.|bert\.cross_encoder\.pooler\.")
-
-
-def reference_name_table(config: ml_collections.ConfigDict) -> dict[str, tuple[str, bool]]:
-    """Reference tensor name -> (our parameter path, transpose?) for `config.model` sizes."""
-    counts = {"text_layers": config.text.num_layers, "visual_layers": config.visual.num_layers,
-              "co_layers": config.co.num_layers, "joint.blocks": config.joint.num_layers}
-    table = {}
-    for ref, ours, kind in REFERENCE_MODULES:
-        stack = next((s for s in counts if ours.startswith(s + ".{i}")), None)
-        for i in range(counts[stack]) if stack else [None]:
-            for ref_leaf, our_leaf, transpose in _LEAVES[kind]:
-                name = (ref + ref_leaf).replace("{i}", str(i))
-                table[name] = ((ours + our_leaf).replace("{i}", str(i)), transpose)
-    return table
 
 
 class TextEmbeddings(nnx.Module):
@@ -240,23 +108,6 @@ class JointEncoder(nnx.Module):
         return layers.run_stack(self.blocks, x, bias, remat=self.remat)
 
 
-def patchify(images: Array, patch: int) -> Array:
-    """[B, H, W, C] -> [B, (H/p)*(W/p), p*p*C], patches in row-major grid order."""
-    b, h, w, c = images.shape
-    if h % patch or w % patch:
-        raise ValueError(f"Image size {h}x{w} is not divisible by the patch size {patch}.")
-    x = images.reshape(b, h // patch, patch, w // patch, patch, c).transpose(0, 1, 3, 2, 4, 5)
-    return x.reshape(b, (h // patch) * (w // patch), patch * patch * c)
-
-
-def grid_boxes(rows: int, cols: int) -> Array:
-    """5-d boxes [x1, y1, x2, y2, area] of a rows x cols grid, row-major, image-normalised."""
-    r, c = jnp.meshgrid(jnp.arange(rows), jnp.arange(cols), indexing="ij")
-    r, c = r.reshape(-1).astype(jnp.float32), c.reshape(-1).astype(jnp.float32)
-    area = jnp.full_like(r, 1.0 / (rows * cols))
-    return jnp.stack([c / cols, r / rows, (c + 1) / cols, (r + 1) / rows, area], axis=-1)
-
-
 def attention_implementation(config: ml_collections.ConfigDict) -> str | None:
     """`config.attention_impl` ('auto', 'xla' or 'cudnn') as `jax.nn.dot_product_attention`'s
     `implementation`, after checking that this backend and dtype can run it."""
@@ -294,28 +145,13 @@ class CaptureModel(nnx.Module):
 
     def __init__(self, config: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
         c, d, v = config, config.hidden_size, config.visual
-        if v.kind not in ("regions", "pixels"):
-            raise ValueError(f"Unknown visual.kind {v.kind!r}; use 'regions' or 'pixels'.")
+        front_end = frontends.get(v.kind)(c)
         common = Common(jnp.dtype(c.dtype), c.init_std, c.layer_norm_eps, c.dropout_rate,
                         c.attention_dropout_rate, attention_implementation(c))
-        self.config, self.kind = ml_collections.FrozenConfigDict(c), v.kind
-        if v.kind == "pixels":
-            self.target_dim = v.patch_size**2 * 3
-            feature_dim = self.target_dim
-            if v.stem_channels:
-                if v.patch_size % v.stem_stride:
-                    raise ValueError(f"stem_stride {v.stem_stride} must divide the patch size.")
-                self.visual_stem = nnx.Conv(
-                    3, v.stem_channels, (v.stem_stride, v.stem_stride), v.stem_stride,
-                    padding="VALID", dtype=common.dtype, rngs=rngs,
-                    kernel_init=nnx.with_partitioning(nnx.initializers.normal(c.init_std),
-                                                      (None, None, None, "feature")),
-                    bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), ("feature",)))
-                feature_dim = (v.patch_size // v.stem_stride) ** 2 * v.stem_channels
-        else:
-            self.target_dim = feature_dim = v.feature_dim
+        self.config, self.front_end = ml_collections.FrozenConfigDict(c), front_end
+        self.visual_stem = front_end.make_stem(common, rngs)  # Its parameters, if any.
         self.text_embeddings = TextEmbeddings(c, common, rngs)
-        self.visual_embeddings = VisualEmbeddings(feature_dim, d, common, rngs)
+        self.visual_embeddings = VisualEmbeddings(front_end.feature_dim, d, common, rngs)
         self.text_layers = nnx.List([layers.BertLayer(d, c.text.num_heads, c.text.mlp_dim, common,
                                                       rngs) for _ in range(c.text.num_layers)])
         self.visual_layers = nnx.List([layers.BertLayer(d, v.num_heads, v.mlp_dim, common, rngs)
@@ -331,43 +167,13 @@ class CaptureModel(nnx.Module):
         self.text_head_proj = dense(c.out_dim, d, ("mlp", "embed"), common, rngs)
         self.visual_head_proj = dense(c.out_dim, d, ("mlp", "embed"), common, rngs)
         self.mlm_head = PredictionHead(d, c.vocab_size, common, rngs, tied=True)
-        self.mrm_head = PredictionHead(d, self.target_dim, common, rngs)
-
-    def _visual_inputs(self, batch: Batch) -> tuple[Array, Array, Array, Array]:
-        """Region features (MRM-zeroed), boxes and mask with the global token first; targets."""
-        if self.kind == "regions":
-            feats = batch["visual_feats"].astype(jnp.float32)
-            boxes = batch["visual_boxes"].astype(jnp.float32)
-            targets = feats
-        else:
-            image, p = batch["image"].astype(jnp.float32), self.config.visual.patch_size
-            raw = patchify(image, p)
-            mean, var = raw.mean(-1, keepdims=True), raw.var(-1, keepdims=True)
-            targets = (raw - mean) / jnp.sqrt(var + 1e-6)  # MAE per-patch normalised pixels
-            feats = raw
-            if self.config.visual.stem_channels:
-                stem = layers.gelu(self.visual_stem(image)).astype(jnp.float32)
-                feats = patchify(stem, p // self.config.visual.stem_stride)
-            boxes = jnp.broadcast_to(grid_boxes(image.shape[1] // p, image.shape[2] // p),
-                                     (*feats.shape[:2], 5))
-        b, r = feats.shape[:2]
-        mask = batch.get("visual_mask")
-        mask = jnp.ones((b, r), jnp.float32) if mask is None else mask.astype(jnp.float32)
-        if "mrm_zero" in batch:
-            feats = feats * (1.0 - batch["mrm_zero"].astype(jnp.float32))[..., None]
-        count = jnp.maximum(mask.sum(1, keepdims=True), 1.0)
-        global_feat = (feats * mask[..., None]).sum(1) / count
-        global_box = jnp.broadcast_to(jnp.array([0.0, 0.0, 1.0, 1.0, 1.0]), (b, 5))
-        feats = jnp.concatenate([global_feat[:, None], feats], axis=1)
-        boxes = jnp.concatenate([global_box[:, None], boxes], axis=1)
-        mask = jnp.concatenate([jnp.ones((b, 1), jnp.float32), mask], axis=1)
-        return feats, boxes, mask, jax.lax.stop_gradient(targets)
+        self.mrm_head = PredictionHead(d, front_end.target_dim, common, rngs)
 
     def _encode(self, batch: Batch, dropout_key: layers.Key) -> dict[str, Array]:
-        """Everything up to the joint outputs S_t, S_v (spec forward steps 1-6)."""
+        """Everything up to the joint outputs S_t, S_v (docs/reference.md, forward steps 1-6)."""
         c = self.config
         keys = split_key(dropout_key, 4)
-        feats, boxes, visual_mask, targets = self._visual_inputs(batch)
+        feats, boxes, visual_mask, targets = self.front_end.inputs(batch, self.visual_stem)
         text_mask = batch["text_mask"].astype(jnp.float32)
         text = self.text_embeddings(batch["text_ids"], keys[0])
         visual = self.visual_embeddings(feats, boxes, keys[1])

@@ -9,10 +9,11 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from capture_jax.models import capture
+from capture_jax.models import capture, frontends
 
-# Training FLOPs per example that the spec fixes for `paper` (3 x its 13.9 GFLOP forward): MFU is
-# reported against this number so it is comparable with the paper's accounting.
+# Training FLOPs per example of `paper` in the reference's accounting (3 x its 13.9 GFLOP
+# forward, docs/reference.md): MFU is reported against this number so that it is comparable
+# with the paper's.
 PAPER_TRAIN_FLOPS_PER_EXAMPLE = 41.7e9
 
 # Peak dense bf16 FLOP/s per device kind (vendor figures), for MFU. Unknown kinds: no MFU.
@@ -32,22 +33,9 @@ PEAK_BF16_FLOPS = {
 
 def abstract_batch(config: ml_collections.ConfigDict, batch_size: int) -> dict:
     """ShapeDtypeStructs of a pretraining batch for `config.model` at its default sizes."""
-    b, t, v = batch_size, config.text.length, config.visual
-    f32, i32 = jnp.float32, jnp.int32
-    batch = dict(text_ids=jax.ShapeDtypeStruct((b, t), i32),
-                 text_mask=jax.ShapeDtypeStruct((b, t), i32),
-                 mlm_labels=jax.ShapeDtypeStruct((b, t), i32))
-    if v.kind == "regions":
-        r = v.num_regions
-        batch.update(visual_feats=jax.ShapeDtypeStruct((b, r, v.feature_dim), f32),
-                     visual_boxes=jax.ShapeDtypeStruct((b, r, 5), f32),
-                     visual_mask=jax.ShapeDtypeStruct((b, r), i32))
-    else:
-        r = (v.image_size // v.patch_size) ** 2
-        batch["image"] = jax.ShapeDtypeStruct((b, v.image_size, v.image_size, 3), f32)
-    batch.update(mrm_mask=jax.ShapeDtypeStruct((b, r), i32),
-                 mrm_zero=jax.ShapeDtypeStruct((b, r), i32))
-    return batch
+    text = jax.ShapeDtypeStruct((batch_size, config.text.length), jnp.int32)
+    return dict(text_ids=text, text_mask=text, mlm_labels=text,
+                **frontends.get(config.visual.kind).abstract_batch(config, batch_size))
 
 
 def forward_flops(config: ml_collections.ConfigDict, batch_size: int = 2) -> float:
@@ -82,7 +70,7 @@ def parameter_count(config: ml_collections.ConfigDict) -> int:
 
 
 def train_flops_per_example(config: ml_collections.ConfigDict, variant: str) -> float:
-    """FLOPs of one training example: 3 x XLA's forward count; for `paper` the spec's 41.7 G,
+    """FLOPs of one training example: 3 x XLA's forward count; for `paper` the reference's 41.7 G,
     less 3 x what MLM logits at only `mlm_max_predictions` positions save (XLA's count)."""
     if variant != "paper":
         return 3 * forward_flops(config)
