@@ -11,9 +11,11 @@
 ones) with `tfds_product1m.synthetic`, then build it through exactly the same parsing code, so
 every test exercises the real path.
 
-Every split's audit (rows read, written, skipped by reason, repaired) is logged at the end of the
-build and stored in the dataset's `metadata.json` under `build_stats`; the labels of every row of
-the labelled text files, read by the official scoring rules, under `ground_truth`.
+Every split's audit (rows read, written, skipped by reason, repaired) is logged when the split is
+written and stored in the dataset's `metadata.json` under `build_stats`; the labels of every row of
+the labelled text files, read by the official scoring rules, under `ground_truth`. The build ends
+with a one-line-per-split table and, for a split that skipped more than 5% of its rows, a WARNING
+with the reasons and what to check (`build_report.py`).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from etils import epath
 from tensorflow_datasets.core.utils.lazy_imports_utils import apache_beam as beam
 
 from . import product1m_files as files
-from . import region_features, synthetic_spec
+from . import build_report, region_features, synthetic_spec
 
 _MANUAL_INSTRUCTIONS = """\
 Product1M cannot be downloaded automatically. To build the `full` config:
@@ -178,7 +180,64 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         self._use_beam = bool(
             download_config and (download_config.beam_options or download_config.beam_runner)
         )
-        return super()._download_and_prepare(dl_manager, download_config)
+        self._beam_skips = None
+        # Progress bars only on a terminal: redirected to a file they are `\r`-mangled lines.
+        with build_report.progress_bars_only_on_a_terminal():
+            result = super()._download_and_prepare(dl_manager, download_config)
+        self._log_build_summary()
+        return result
+
+    def _process_pipeline_result(self, pipeline_result) -> None:
+        """Beam: keeps the image/region skip counters (`_beam_load`) for the build summary."""
+        try:
+            counters = pipeline_result.metrics().query(
+                beam.metrics.MetricsFilter().with_namespace("product1m"))["counters"]
+        except Exception as e:  # pylint: disable=broad-except  # Not every runner has metrics.
+            logging.info("Product1M: no Beam counters from the runner (%s).", e)
+            return
+        skips = {}
+        for counter in counters:
+            split, _, reason = counter.key.metric.name.partition("/")
+            if reason in files.SKIP_REASONS:
+                count = counter.committed if counter.committed is not None else counter.attempted
+                skips.setdefault(split, {})[reason] = skips.get(split, {}).get(reason, 0) + count
+        self._beam_skips = skips
+
+    def _log_build_summary(self) -> None:
+        """The table at the end of the build, and a WARNING per split that skipped > 5%."""
+        stats, audits = self.info.metadata.get("build_stats", {}), {}
+        for split in self.info.metadata.get("splits_built", []):
+            audit = stats.get(split)
+            if audit is not None and getattr(self, "_use_beam", False):
+                audit = self._beam_audit(split, audit)
+            audits[split] = audit
+        spec, expected = self.builder_config.synthetic, set()
+        if spec is not None and spec.dirty:  # Its dirty rows are skipped on purpose.
+            expected = {s for s, a in audits.items()
+                        if a is not None and a["written"] == spec.split_rows(s)}
+        metadata, root = self.info.metadata, getattr(self, "_root", "the manual directory")
+        found = {"missing_image": f"found {metadata.get('image_index', {}).get('files', 0):,} "
+                                  f"<id>.jpg files under {root}"}
+        if "region_index" in metadata:
+            index = metadata["region_index"]
+            found["missing_regions"] = (f"indexed {index.get('indexed', 0):,} ids in "
+                                        f"{index.get('files', 0):,} *.tsv files under {root}")
+        build_report.log_build_summary(self.info.full_name, audits, expected, found)
+
+    def _beam_audit(self, split: str, audit: dict) -> dict | None:
+        """A Beam split's audit for the summary: the launcher's row-level counts, the written
+        count TFDS measured, and the workers' counters (not stored in metadata.json)."""
+        if split not in self.info.splits:
+            return None
+        audit = dict(audit, skipped=dict(audit["skipped"]), fixed={}, blank_lines=0)
+        audit["written"] = self.info.splits[split].num_examples
+        dropped = audit["rows_read"] - sum(audit["skipped"].values()) - audit["written"]
+        for reason, count in ((self._beam_skips or {}).get(split) or {}).items():
+            audit["skipped"][reason] += count
+            dropped -= count
+        if dropped > 0:  # The runner reported no (or not all) counters.
+            audit["skipped"]["image_or_region_checks"] = dropped
+        return audit
 
     def _split_generators(self, dl_manager: tfds.download.DownloadManager):
         config = self.builder_config
@@ -186,6 +245,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
             root = _write_synthetic_raw(dl_manager.download_dir, config)
         else:
             root = dl_manager.manual_dir  # Raises TFDS's manual-download message when missing.
+        self._root = root  # For the build summary.
         split_paths = files.find_split_files(root)
         if not split_paths:
             raise FileNotFoundError(
@@ -291,7 +351,12 @@ class Builder(tfds.core.GeneratorBasedBuilder):
                 pool.terminate()
         summary = stats.to_json()
         self.info.metadata["build_stats"][split] = summary
-        logging.info("Product1M %s: %s", split, json.dumps(summary, ensure_ascii=False))
+        logging.info("%s", build_report.split_line(split, summary))
+
+
+# TFDS's "Variant folder .../tfds_product1m/<config>/<version> has no dataset_info.json" WARNING,
+# logged whenever a not yet built config is asked `is_prepared()`, says nothing to act on.
+build_report.install_not_built_yet_filter(Builder.name)
 
 
 @dataclasses.dataclass(frozen=True)
