@@ -2,17 +2,15 @@
 
 import os
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from capture_jax import cli
 
-import tensorflow as tf  # noqa: E402  (first, so it can be kept off the accelerators)
-
-tf.config.set_visible_devices([], "GPU")  # TF only feeds data; the accelerators belong to JAX.
+cli.import_tensorflow_for_data_only()  # First: TF feeds data; the accelerators belong to JAX.
 
 import jax  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from capture_jax import cli, train  # noqa: E402
+from capture_jax import train  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file and variant, e.g. configs/capture.py:demo.", lock_config=True)

@@ -12,9 +12,12 @@ command in-process with `call(module, args)`.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import socket
 import sys
+import tempfile
 import types
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
@@ -91,6 +94,49 @@ def no_arguments(argv: Sequence[str], status: int = USAGE_STATUS) -> None:
     a usage error (absl prints the command's help, then the error)."""
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}", exitcode=status)
+
+
+# Native (C++) start-up lines of TensorFlow and XLA that say nothing a user can act on: a machine
+# without an NVIDIA driver, oneDNN notices, CUDA plugin registrations.
+_NATIVE_NOISE = re.compile(
+    r"All log messages before absl::InitializeLog|cudart_stub\.cc|failed call to cuInit|"
+    r"oneDNN custom operations|Unable to register cu(DNN|FFT|BLAS) factory|"
+    r"computation placer already registered|TF-TRT Warning|This TensorFlow binary is optimized")
+
+
+@contextlib.contextmanager
+def native_noise_filtered():
+    """Runs the block with the process's stderr (file descriptor 2, where C++ libraries log) going
+    to a temporary file, then writes back every line of it but the start-up noise above."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            text = captured.read().decode(errors="replace")
+            sys.stderr.write("".join(line for line in text.splitlines(keepends=True)
+                                     if not _NATIVE_NOISE.search(line)))
+            sys.stderr.flush()
+
+
+def import_tensorflow_for_data_only():
+    """Imports TensorFlow quietly and hides the GPUs from it: it only feeds data, and would
+    otherwise take accelerator memory that JAX preallocates. Call before JAX starts."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    # oneDNN speeds up TF's matrix and convolution kernels, which the input pipeline does not run;
+    # left on, it logs an ERROR-level notice about int64 ops on machines without AVX-512.
+    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+    with native_noise_filtered():
+        import tensorflow as tf
+
+        tf.config.set_visible_devices([], "GPU")
+    return tf
 
 
 class QuietLibraries:
