@@ -52,7 +52,7 @@ def test_is_due():
     assert [s for s in range(0, 7) if train.is_due(s, 3)] == [3, 6]
 
 
-def test_resume_is_bit_identical_to_an_uninterrupted_run(data_dir, tmp_path):
+def test_resume_is_bit_identical_to_an_uninterrupted_run(data_dir, tmp_path, caplog):
     straight = train.train_and_evaluate(tiny_config(data_dir), str(tmp_path / "straight"))
     assert straight["step"] == 6 and straight["finished"]
     first = train.train_and_evaluate(tiny_config(data_dir, halt_after_step=3), str(tmp_path / "split"))
@@ -70,6 +70,11 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(data_dir, tmp_path):
     for name in ("config.json", "vocab.txt"):
         assert os.path.exists(tmp_path / "straight" / name)
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path / "straight"))
+    # An already finished workdir says so and trains nothing.
+    with caplog.at_level("INFO"):
+        done = train.train_and_evaluate(tiny_config(data_dir), str(tmp_path / "straight"))
+    assert done["step"] == 6 and done["finished"] and not done["history"]
+    assert "Nothing to train: the checkpoint is at step 6 of 6 (the run is complete)" in caplog.text
 
 
 def _first_losses(data_dir, workdir, devices=None, **changes):
@@ -123,7 +128,7 @@ def test_start_from_bert_loads_its_text_stream_and_vocabulary(data_dir, tmp_path
     assert exp.config.vocab_path == os.path.join(bert_dir, "vocab.txt")
     assert exp.tokenizer.vocab_size == BERT["vocab_size"]
     manager = checkpointing.create_manager(str(tmp_path / "w"))
-    state, step, origin = train.restore_or_initialize(exp, manager)
+    state, step, origin, _ = train.restore_or_initialize(exp, manager)
     assert step == 0 and origin.startswith("text stream from BERT")
     np.testing.assert_array_equal(state.model["text_embeddings"]["word_embeddings"]["embedding"][...],
                                   weights["bert.embeddings.word_embeddings.weight"])
@@ -240,6 +245,14 @@ def test_main_sigterm_saves_the_current_step_and_the_next_start_resumes(data_dir
     assert resumed.returncode == 0, out[-3000:]
     assert f"resumed at step {steps[0]}" in out
     assert steps[0] + 1 in ocp.CheckpointManager(os.path.join(workdir, "checkpoints")).all_steps()
+    _check_log_reads_well(out, steps[0] + 1)
+    assert f"halted after step {steps[0] + 1} (halt_after_step)" in out
+    again = _start_main(workdir, data_dir, "--config.num_train_steps=100000",
+                        f"--config.halt_after_step={steps[0] + 1}")
+    out = again.communicate(timeout=300)[0]
+    assert again.returncode == 0, out[-3000:]
+    assert (f"Nothing to train: the checkpoint is at step {steps[0] + 1} and halt_after_step is "
+            f"{steps[0] + 1}; rerun with --config.halt_after_step=-1") in out
     # --mode=evaluate scores the latest checkpoint and writes the official files.
     cmd = [sys.executable, "main.py", "--config", "configs/capture.py:tiny", "--workdir", workdir,
            f"--config.dataset.data_dir={data_dir}", "--mode=evaluate"]
@@ -257,6 +270,22 @@ def test_main_sigterm_saves_the_current_step_and_the_next_start_resumes(data_dir
         assert os.path.getsize(os.path.join(kind_dir, "report.html")) > 1000
     assert os.path.isfile(os.path.join(workdir, "retrieval", "index.html"))
     assert "retrieval dev at step" in result.stderr and "tfidf" in result.stderr
+
+
+def _check_log_reads_well(out: str, last_step: int) -> None:
+    """What a user reads: no start-up noise, each metric once, a compile line, a line per
+    checkpoint, and the summary block."""
+    for noise in ("cuInit", "cudart_stub", "oneDNN", "os.fork()", "has no dataset_info.json",
+                  "absl::InitializeLog", "logging_writer.py", "steps_per_sec", "uptime"):
+        assert noise not in out, noise
+    step_lines = [line for line in out.splitlines() if f"step {last_step}/100000:" in line]
+    assert len(step_lines) == 1 and step_lines[0].count("loss_clr ") == 1
+    assert "ETA " in step_lines[0]
+    assert "Compiling the train step" in out and "(compilation included)" in out
+    assert f"Checkpoint of step {last_step}: " in out
+    summary = out[out.index("Run summary (tiny)"):]
+    for part in ("steps ", "wall time", "checkpoints", "tensorboard --logdir"):
+        assert part in summary, part
 
 
 def test_main_reports_missing_real_data_in_one_sentence(tmp_path):

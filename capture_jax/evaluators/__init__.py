@@ -6,7 +6,8 @@ Each entry `config.evals.NAME` is a ConfigDict with
 and the evaluator's own fields. The module defines `Evaluator(experiment, **fields)` (it checks its
 fields there, so a bad config fails before training) with
 `evaluate(model_state, step) -> Iterable[(name, value)]`. The trainer writes each pair as the
-scalar `NAME/name` and logs it; an evaluator writes its own files under `experiment.workdir`.
+scalar `NAME/name`; an evaluator writes its own files under `experiment.workdir`, and may define
+`summary(values) -> list[str]`: its lines in the run's final summary, from its latest values.
 """
 
 from __future__ import annotations
@@ -34,11 +35,17 @@ class Scheduled:
     name: str
     every: int
     evaluator: Evaluator
+    latest: dict[str, float] = dataclasses.field(default_factory=dict)  # Its last values.
 
     def evaluate(self, model_state: Any, step: int) -> list[tuple[str, float]]:
         """`(NAME/name, value)` pairs of one run."""
-        return [(f"{self.name}/{k}", float(v)) for k, v in
-                self.evaluator.evaluate(model_state, step)]
+        self.latest = {k: float(v) for k, v in self.evaluator.evaluate(model_state, step)}
+        return [(f"{self.name}/{k}", v) for k, v in self.latest.items()]
+
+    def summary(self) -> list[str]:
+        """The evaluator's lines for the final summary (none before it has run)."""
+        lines = getattr(self.evaluator, "summary", None)
+        return list(lines(self.latest)) if lines and self.latest else []
 
 
 def _module(name: str, kind: str):
