@@ -134,6 +134,13 @@ def _paper() -> dict[str, Any]:
         log_mfu=True,  # Report MFU where the device's peak FLOP/s is known.
         checkpoint_every=2000,  # Steps between async saves.
         keep_checkpoints=3,  # Most recent checkpoints kept.
+        # The checkpoint a run resumes from: -1 = the latest in the workdir; N = step N, e.g. the
+        # one before a damaged latest step (the later step directories are then moved aside to
+        # checkpoints/superseded-<step>-<time>, never deleted); 0 = start again from step 0.
+        # Restarts of the same command resume from the latest step: the run records that it
+        # went back to N already (`went_back_to` in each later checkpoint's meta).
+        # --mode=evaluate evaluates step N.
+        restore_step=-1,
         evals=dict(  # Name -> evaluator; each runs on its own schedule.
             retrieval=dict(
                 # Module capture_jax.evaluators.<type>, or a dotted module path of your own.
