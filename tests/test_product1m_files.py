@@ -36,12 +36,13 @@ def test_clean_rows_parse_in_order_with_labels_and_duplicates():
     assert [r.id for r in rows] == ["600000000001", "600000000002"]
     assert rows[0].title == "雅诗兰黛 小棕瓶精华 50ml"
     assert rows[0].labels == ("品牌甲 精华", "品牌甲 精华", "品牌乙 面霜")
+    assert rows[0].urls == ("u1", "u2")
     assert stats.rows_read == 2 and sum(stats.skipped.values()) == 0 and not stats.fixed
 
 
 def test_train_rows_have_no_labels():
     rows, stats = _parse("1#####标题#####u1#####u2\n", "train")
-    assert rows == [files.Row("1", "标题", (), 1)]
+    assert rows == [files.Row("1", "标题", (), 1, ("u1", "u2"))]
     assert stats.rows_read == 1
 
 

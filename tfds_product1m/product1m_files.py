@@ -51,6 +51,7 @@ class Row:
     title: str
     labels: tuple[str, ...]  # Order and duplicates kept; empty for train.
     line_number: int  # 1-based, for error messages and audits.
+    urls: tuple[str, ...] = ()  # url1 and url2: the same image on two hosts.
 
 
 @dataclasses.dataclass
@@ -123,7 +124,8 @@ def parse_split_lines(lines: Iterable[str], split: str, stats: SplitStats) -> li
         if not title:
             fixes.append("empty_title")
         stats.fixed.update(fixes)
-        rows.append(Row(item_id, title, labels, line_number))
+        rows.append(Row(item_id, title, labels, line_number,
+                        tuple(stripped[title_end:][:2])))
     return rows
 
 
