@@ -42,10 +42,11 @@ Product1M cannot be downloaded automatically. To build the `full` config:
      (https://github.com/zhanxlin/Product1M): product1m_train_ossurl_v2.txt,
      product1m_gallery_ossurl_v2.txt, product1m_dev_ossurl_v2.txt, product1m_test_ossurl_v2.txt.
      Any subset works (e.g. gallery/dev/test only); the missing splits are not built.
-  2. Download the images with a community download script so that each is saved as <id>.jpg;
-     any folder layout under the manual directory is fine (images/<id>.jpg, data/<split>/xx/<id>.jpg).
-  3. Put the text files at the top of one directory with the images below it, and run
-       tfds build tfds_product1m --config=full --manual_dir=THAT_DIR --data_dir=YOUR_DATA_DIR
+  2. Download the images (both URLs of each row, resumable, with a report of what failed):
+       python -m tfds_product1m.download --official_dir TEXT_FILES_DIR --out THAT_DIR
+     It copies the text files into THAT_DIR too. (Images from another script work as well: each
+     saved as <id>.jpg anywhere below THAT_DIR, with the text files at its top.)
+  3. tfds build tfds_product1m --config=full --manual_dir=THAT_DIR --data_dir=YOUR_DATA_DIR
 For --config=full_regions, put your bottom-up-attention feature files (*.tsv, one line per image:
 image_id image_w image_h num_boxes boxes features, the ids being the Product1M ids) anywhere under
 the same directory; the images are then not needed.
