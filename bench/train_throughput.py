@@ -37,7 +37,7 @@ import numpy as np  # noqa: E402
 from absl import flags, logging  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from capture_jax import cli, experiment, input_pipeline, optim, sharding, train, vocab  # noqa: E402
+from capture_jax import cli, optim, sharding, train_state  # noqa: E402  (no TensorFlow: see device_check.py)
 from capture_jax.models import cost  # noqa: E402
 from configs import capture as capture_configs  # noqa: E402
 
@@ -89,10 +89,10 @@ def measure_step(variant: str, batch_size: int, steps: int, dtype: str | None, r
     rules = sharding.rules("dp")
     tx = optim.create_optimizer(config)
     with jax.set_mesh(mesh), nnx.logical_axis_rules(rules):
-        state = train.create_train_state(
-            config, tx, experiment.train_state_shapes(config, mesh, rules, tx))
+        state = train_state.create_train_state(
+            config, tx, train_state.train_state_shapes(config, mesh, rules, tx))
         batch_sh = sharding.batch_sharding(mesh, rules)
-        step_fn = train.make_train_step(config, state, batch_sh, mesh)
+        step_fn = train_state.make_train_step(config, state, batch_sh, mesh)
         batch = jax.device_put(random_batch(config.model, batch_size), batch_sh)
         start = time.perf_counter()
         step_fn = step_fn.lower(state.model, state.opt, batch, 0).compile()
@@ -129,6 +129,8 @@ def measure_step(variant: str, batch_size: int, steps: int, dtype: str | None, r
 
 def measure_pipeline(batches: int) -> dict:
     """The demo config's tf.data pipeline alone: decode, resize, tokenise, mask, batch."""
+    from capture_jax import input_pipeline, vocab  # TensorFlow: only here.
+
     config = capture_configs.get_config("demo")
     with tempfile.TemporaryDirectory() as workdir:
         builder = input_pipeline.get_builder(config)

@@ -23,22 +23,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 
 from capture_jax import convert, input_pipeline, optim, sharding, vocab
-from capture_jax.models import capture
-
-
-@dataclasses.dataclass
-class TrainState:
-    """Everything a step needs besides the batch: NNX graph definitions, states and shardings.
-
-    In `Experiment.shapes` the states are abstract (`jax.ShapeDtypeStruct`s).
-    """
-
-    model_def: Any
-    opt_def: Any
-    model: Any  # nnx.State of the parameters.
-    opt: Any  # nnx.State of the optimiser (step counter, moments).
-    model_sharding: Any
-    opt_sharding: Any
+from capture_jax.train_state import TrainState, train_state_shapes
 
 
 @dataclasses.dataclass
@@ -88,27 +73,6 @@ def setup(config: ml_collections.ConfigDict, workdir: str,
     return exp
 
 
-def new_model_and_optimizer(config: ml_collections.ConfigDict, tx: optax.GradientTransformation):
-    """A fresh `(CaptureModel, nnx.Optimizer)` from `config.seed`."""
-    model = capture.CaptureModel(config.model, rngs=nnx.Rngs(config.seed))
-    return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
-
-
-def train_state_shapes(config: ml_collections.ConfigDict, mesh, rules,
-                       tx: optax.GradientTransformation) -> TrainState:
-    """Graph definitions, shardings and abstract (shape-only) states: nothing is allocated.
-
-    Must run inside `jax.set_mesh(mesh)` and `nnx.logical_axis_rules(rules)`.
-    """
-    abstract_model, abstract_opt = nnx.eval_shape(lambda: new_model_and_optimizer(config, tx))
-    model_def, model_state = nnx.split(abstract_model)
-    opt_def, opt_state = nnx.split(abstract_opt)
-    model_sh = sharding.state_shardings(model_state, mesh, rules)
-    opt_sh = sharding.state_shardings(opt_state, mesh, rules)
-    check_divisible(model_state, model_sh, mesh, config.sharding_rules)
-    return TrainState(model_def, opt_def, model_state, opt_state, model_sh, opt_sh)
-
-
 def check_batch(config: ml_collections.ConfigDict, mesh) -> None:
     """One sentence if the global batch does not divide over the mesh's batch axes."""
     batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
@@ -146,20 +110,3 @@ def resolve_init(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict
     if config.init_from.bert and not config.vocab_path:
         config.vocab_path = convert.bert_vocab_path(config.init_from.bert)
     return config
-
-
-def check_divisible(abstract_state, shardings, mesh, rules_name: str) -> None:
-    """Every sharded parameter dimension must split evenly over its mesh axes."""
-    for (path, value), (_, spec_holder) in zip(nnx.to_flat_state(abstract_state),
-                                               nnx.to_flat_state(shardings)):
-        spec = spec_holder.get_value().spec
-        for dim, axes in zip(value.shape, spec):
-            ways = 1
-            for axis in (axes,) if isinstance(axes, str) else (axes or ()):
-                ways *= mesh.shape[axis]
-            if dim % ways:
-                raise ValueError(
-                    f"Parameter {'/'.join(map(str, path))} of shape {value.shape} cannot be split "
-                    f"{ways} ways ({spec}) under sharding rules '{rules_name}' on mesh "
-                    f"{dict(mesh.shape)}: use model sizes divisible by the mesh axes, or a "
-                    "smaller model/fsdp axis.")

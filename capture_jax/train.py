@@ -23,16 +23,13 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
-import optax
 from absl import logging
 from clu import periodic_actions
-from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
 
-from capture_jax import checkpointing, convert, experiment, input_pipeline, losses, optim
+from capture_jax import checkpointing, convert, experiment, input_pipeline
 from capture_jax import progress, workdir_lock
 from capture_jax import evaluators as evaluators_lib
-from capture_jax.experiment import TrainState
+from capture_jax.train_state import TrainState, create_train_state, make_train_step
 from capture_jax.models import cost
 
 
@@ -46,51 +43,6 @@ def is_due(step: int, every: int, total: int | None = None) -> bool:
     if step <= 0:
         return False
     return (every > 0 and step % every == 0) or (total is not None and step == total)
-
-
-def create_train_state(config: ml_collections.ConfigDict, tx: optax.GradientTransformation,
-                       shapes: TrainState) -> TrainState:
-    """Parameters and optimiser state initialised directly sharded (never on one device), onto
-    `shapes` (`experiment.train_state_shapes`); under the mesh and rules of those shapes."""
-
-    def init():
-        model, opt = experiment.new_model_and_optimizer(config, tx)
-        return nnx.state(model), nnx.state(opt)
-
-    model, opt = jax.jit(init, out_shardings=(shapes.model_sharding, shapes.opt_sharding))()
-    return dataclasses.replace(shapes, model=model, opt=opt)
-
-
-def make_train_step(config, state: TrainState, batch_sharding: NamedSharding, mesh):
-    """The jitted step: forward, losses, gradients, optimiser update; returns scalar metrics."""
-    root_key = jax.random.key(config.seed)
-    schedule = optim.learning_rate_schedule(config)
-    accum = max(config.optim.grad_accum_steps, 1)
-
-    def train_step(model_state, opt_state, batch, step):
-        model = nnx.merge(state.model_def, model_state)
-        opt = nnx.merge(state.opt_def, opt_state)
-        dropout_key = jax.random.fold_in(root_key, step)
-
-        def loss_fn(model):
-            outputs = model(batch, train=True, dropout_key=dropout_key)
-            return losses.compute_losses(outputs, batch, config, step // accum)
-
-        (loss, parts), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
-        opt.update(model, grads)
-        metrics = {"loss": loss, **{f"loss_{k}": v for k, v in parts.items()}}
-        metrics["grad_norm"] = optax.global_norm(grads)
-        metrics["param_norm"] = optax.global_norm(nnx.state(model, nnx.Param))
-        metrics["learning_rate"] = schedule(step // accum)
-        return nnx.state(model), nnx.state(opt), metrics
-
-    replicated = NamedSharding(mesh, P())
-    return jax.jit(
-        train_step,
-        in_shardings=(state.model_sharding, state.opt_sharding, batch_sharding, replicated),
-        out_shardings=(state.model_sharding, state.opt_sharding, replicated),
-        donate_argnums=(0, 1),
-    )
 
 
 def _restore_step(config: ml_collections.ConfigDict, manager) -> int:

@@ -10,30 +10,12 @@ import time
 
 import orbax.checkpoint as ocp
 import pytest
-import tensorflow_datasets as tfds
 
-import tfds_product1m  # noqa: F401  (registers the builder)
 from capture_jax import train, workdir_lock
-from configs import capture as capture_configs
+from test_train import data_dir, tiny_config  # noqa: F401  (data_dir: the shared fixture)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT_S = 300  # For each main.py run: generous, on 2 busy CPU cores; never asserted.
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("tfds"))
-    tfds.builder("tfds_product1m/synthetic_tiny", data_dir=path).download_and_prepare()
-    return path
-
-
-def tiny_config(data_dir, **changes):
-    config = capture_configs.get_config("tiny")
-    config.dataset.data_dir = data_dir
-    config.evals.retrieval.every = -1
-    config.log_every = 1
-    config.update(changes)
-    return config
 
 
 def _main_command(workdir, data_dir, *overrides):
