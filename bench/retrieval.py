@@ -1,19 +1,21 @@
-"""Exact top-100 retrieval: the sharded JAX ranker against a straightforward numpy baseline.
+"""Exact top-100 retrieval: numpy, faiss and the project's ranker side by side, in one process.
 
 For each gallery size (default 10k, 100k, 1M; 1024-d float32, rows L2-normalised; 6,547 queries
-like the Product1M test split) it ranks the whole gallery for every query twice in the same
-process: `capture_jax.evaluators.ranker.top_k` (after one warm-up chunk that compiles it), then
-numpy (per query chunk: `q @ g.T`, `np.argpartition(-scores, k)`, sort those k). It prints one
-JSON line per size: seconds and queries/s of both, the speed-up, the agreement of the two index
-lists, and the peak resident memory after the JAX run and after both. Each size runs in a fresh
-subprocess, so the peaks are per size.
+like the Product1M test split) every method ranks the whole gallery for every query, `--repeats`
+rounds interleaved (method order rotated each round; median and range reported):
 
-The numpy chunk is capped so that its temporaries (scores, -scores, int64 argpartition) stay
-under --numpy_chunk_gb; the JAX ranker's working memory is query_chunk x gallery_tile floats per
-device whatever the gallery size.
+* `numpy`: per query chunk `q @ g.T`, `np.argpartition(-scores, k)`, sort those k;
+* `faiss`: `faiss.knn` (exact `IndexFlatIP` search), the number to beat;
+* `ranker`: `capture_jax.evaluators.ranker.top_k` with the evaluator's default method (`auto`:
+  faiss on CPU, the bfloat16 screen with float32 rescore on accelerators), ties to the lower id;
+* `ranker_exact` (with --exact): the float32 device ranker (`method="exact"`), compiled first.
+
+One JSON line per size: seconds per method, speed-ups against faiss, each method's index
+agreement with numpy, peak resident memory. Each size runs in a fresh subprocess. The numpy chunk
+is capped so its temporaries stay under --numpy_chunk_gb.
 
   python bench/retrieval.py [--sizes 10000,100000,1000000] [--queries 6547] [--dim 1024]
-                            [--devices 1]   # fake CPU devices for the JAX mesh
+                            [--repeats 3] [--exact] [--devices 1]
 """
 
 import json
@@ -39,6 +41,8 @@ flags.DEFINE_integer("dim", 1024, "Feature width.")
 flags.DEFINE_integer("k", 100, "Gallery ids kept per query.")
 flags.DEFINE_integer("devices", 1, "Fake CPU devices for the JAX mesh.")
 flags.DEFINE_float("numpy_chunk_gb", 4.0, "Cap on the numpy baseline's temporaries per chunk.")
+flags.DEFINE_integer("repeats", 3, "Interleaved rounds; the median counts.")
+flags.DEFINE_bool("exact", False, "Also time the float32 device ranker (method='exact').")
 flags.DEFINE_integer("size", None, "One gallery size, measured in this process (the "
                      "subprocess of each --sizes entry).")
 
@@ -57,6 +61,9 @@ def numpy_top_k(queries, gallery, k, chunk):
 def run_one(args) -> dict:
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                f" --xla_force_host_platform_device_count={args.devices}").strip()
+    import statistics
+
+    import faiss
     import jax
     import numpy as np
 
@@ -75,30 +82,42 @@ def run_one(args) -> dict:
     mesh = sharding.make_mesh({"data": -1})
     ec = capture_configs.get_config().evals.retrieval
     kw = dict(query_chunk=ec.query_chunk, gallery_tile=ec.gallery_tile)
-    gib = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    chunk = ranker.query_chunk_size(len(queries), ec.query_chunk)
-    start = time.perf_counter()
-    ranker.top_k(queries[:chunk], gallery, k, mesh, **kw)  # compiles the program for `chunk`
-    warmup = time.perf_counter() - start
-    start = time.perf_counter()
-    _, jax_idx = ranker.top_k(queries, gallery, k, mesh, **kw)
-    jax_s = time.perf_counter() - start
-    rss_jax = gib()
-    ranker._RANKERS.clear()
     np_chunk = int(min(ec.query_chunk, max(8, args.numpy_chunk_gb * 2**30 // (16 * size))))
-    start = time.perf_counter()
-    np_idx = numpy_top_k(queries, gallery, k, np_chunk)
-    np_s = time.perf_counter() - start
-    return dict(
-        benchmark="retrieval_top_k", gallery=size, queries=args.queries, dim=args.dim, k=k,
-        jax_s=round(jax_s, 2), jax_queries_per_s=round(args.queries / jax_s, 1),
-        numpy_s=round(np_s, 2), numpy_queries_per_s=round(args.queries / np_s, 1),
-        speedup=round(np_s / jax_s, 2), jax_warmup_s=round(warmup, 2),
-        index_agreement=round(float(np.mean(jax_idx == np_idx)), 6),
-        jax_query_chunk=chunk, gallery_tile=ec.gallery_tile, numpy_query_chunk=np_chunk,
-        peak_rss_gib_after_jax=round(rss_jax, 2), peak_rss_gib=round(gib(), 2),
-        devices=jax.device_count(), cpus=os.cpu_count(),
+    stats = {}
+    methods = {
+        "numpy": lambda: numpy_top_k(queries, gallery, k, np_chunk),
+        "faiss": lambda: faiss.knn(queries, gallery, k, metric=faiss.METRIC_INNER_PRODUCT)[1],
+        "ranker": lambda: ranker.top_k(queries, gallery, k, mesh, stats=stats, **kw)[1],
+    }
+    if args.exact:
+        chunk = ranker.query_chunk_size(len(queries), ec.query_chunk)
+        ranker.top_k(queries[:chunk], gallery, k, mesh, method="exact", **kw)  # Compiles.
+        methods["ranker_exact"] = lambda: ranker.top_k(queries, gallery, k, mesh,
+                                                       method="exact", **kw)[1]
+    names, times, results = list(methods), {m: [] for m in methods}, {}
+    for r in range(args.repeats):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            start = time.perf_counter()
+            results[name] = methods[name]()
+            times[name].append(time.perf_counter() - start)
+    median = {m: statistics.median(t) for m, t in times.items()}
+    out = dict(benchmark="retrieval_top_k", gallery=size, queries=args.queries, dim=args.dim,
+               k=k, repeats=args.repeats, ranker_method=stats.get("method"))
+    for m in names:
+        out[f"{m}_s"] = round(median[m], 3)
+        out[f"{m}_s_range"] = [round(min(times[m]), 3), round(max(times[m]), 3)]
+    for m in names:
+        if m != "faiss":
+            out[f"{m}_speed_vs_faiss"] = round(median["faiss"] / median[m], 3)
+    for m in names:
+        if m != "numpy":
+            out[f"{m}_agreement_with_numpy"] = round(
+                float(np.mean(results[m] == results["numpy"])), 6)
+    out.update(numpy_query_chunk=np_chunk, peak_rss_gib=round(
+        resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
+        devices=jax.device_count(), cpus=os.cpu_count(), faiss_threads=faiss.omp_get_max_threads(),
         loadavg_1min_at_end=round(os.getloadavg()[0], 2))
+    return out
 
 
 def main(argv: list[str]) -> None:
@@ -109,7 +128,7 @@ def main(argv: list[str]) -> None:
     for size in FLAGS.sizes:
         cmd = [sys.executable, __file__, "--size", size] + [
             f"--{name}={getattr(FLAGS, name)}" for name in
-            ("queries", "dim", "k", "devices", "numpy_chunk_gb")]
+            ("queries", "dim", "k", "devices", "numpy_chunk_gb", "repeats", "exact")]
         subprocess.run(cmd, check=True)
 
 

@@ -10,6 +10,7 @@ import shutil
 import subprocess
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -40,16 +41,25 @@ def reference_top_k(queries, gallery, k):
 # (k, gallery_tile): with G = 2003, "pruned" searches blocks of 32 rows (tiles of 256 rows hold
 # 8 > k blocks) and "direct" whole tiles; the 1-device mesh sees 8 tiles, the 8-device one 1.
 PATHS = pytest.mark.parametrize("k,tile", [(5, 256), (100, 256)], ids=["pruned", "direct"])
+# Every method on both meshes (faiss runs on the host: once). `screen` keeps k + 3 candidates per
+# tile, so it prunes, certifies and (on ties) ranks again.
+METHODS = pytest.mark.parametrize("method,mesh_name", [
+    ("faiss", "1dev"), *((m, name) for m in ("exact", "screen") for name in MESHES)])
 
 
-@pytest.mark.parametrize("mesh_name", list(MESHES))
+def rank(queries, gallery, k, mesh_name, method, screen_candidates=None, **kw):
+    return ranker.top_k(queries, gallery, k, make_mesh(mesh_name), method=method,
+                        screen_candidates=screen_candidates or k + 3, **kw)
+
+
+@METHODS
 @PATHS
-def test_top_k_equals_numpy_on_random_floats(mesh_name, k, tile):
+def test_top_k_equals_numpy_on_random_floats(method, mesh_name, k, tile):
     rng = np.random.default_rng(0)
     gallery = rng.standard_normal((2003, 24)).astype(np.float32)  # G not a multiple of 8.
     queries = rng.standard_normal((150, 24)).astype(np.float32)  # Q not a multiple of 56.
-    scores, indices = ranker.top_k(queries, gallery, k, make_mesh(mesh_name), query_chunk=64,
-                                      gallery_tile=tile)
+    scores, indices = rank(queries, gallery, k, mesh_name, method, query_chunk=64,
+                           gallery_tile=tile)
     ref_scores, ref_indices = reference_top_k(queries, gallery, k)
     assert scores.shape == indices.shape == (150, k)
     # Exact ranking, except that items whose float64 scores differ by float32 rounding (about
@@ -62,26 +72,70 @@ def test_top_k_equals_numpy_on_random_floats(mesh_name, k, tile):
     np.testing.assert_allclose(scores, ref_scores, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("mesh_name", list(MESHES))
+@METHODS
 @PATHS
-def test_top_k_breaks_ties_by_lower_gallery_index(mesh_name, k, tile):
-    """Small integer features: exact float32 scores with many ties."""
+def test_top_k_breaks_ties_by_lower_gallery_index(method, mesh_name, k, tile):
+    """Small integer features: exact float32 scores with many ties. They are exact in bfloat16
+    too; the screen keeps only k per tile, so for k = 5 (the k-th best of 2003 items ties the
+    6th best of its tile) queries are not certified and are ranked again."""
     rng = np.random.default_rng(1)
     gallery = rng.integers(-2, 3, (2003, 6)).astype(np.float32)
     queries = rng.integers(-2, 3, (37, 6)).astype(np.float32)
-    scores, indices = ranker.top_k(queries, gallery, k, make_mesh(mesh_name), query_chunk=16,
-                                      gallery_tile=tile)
+    stats = {}
+    scores, indices = rank(queries, gallery, k, mesh_name, method, screen_candidates=k,
+                           query_chunk=16, gallery_tile=tile, stats=stats)
     ref_scores, ref_indices = reference_top_k(queries, gallery, k)
     np.testing.assert_array_equal(indices, ref_indices)
     np.testing.assert_array_equal(scores, ref_scores)
+    assert stats["method"] == method
+    if method != "exact" and k == 5:  # faiss: ties running past its margin of 8.
+        assert stats["ranked_again"] > 0
 
 
-def test_top_k_with_fewer_gallery_items_than_k():
+@pytest.mark.parametrize("method", ["faiss", "exact", "screen"])
+def test_top_k_with_fewer_gallery_items_than_k(method):
     rng = np.random.default_rng(2)
     gallery, queries = rng.standard_normal((13, 8)), rng.standard_normal((3, 8))
-    scores, indices = ranker.top_k(queries, gallery, 100, make_mesh("8dev_2x2x2"))
+    scores, indices = ranker.top_k(queries, gallery, 100, make_mesh("8dev_2x2x2"), method=method)
     assert indices.shape == (3, 13) and np.isfinite(scores).all()
     np.testing.assert_array_equal(indices, reference_top_k(queries, gallery, 13)[1])
+
+
+def test_screen_certifies_separated_queries_and_its_bound_holds():
+    """Gallery items near each query (an embedding's neighbours) stand out: the bfloat16 screen
+    certifies every query without ranking again, with the exact float32 answer; and the error
+    bound covers the largest |q.g - fl(q~.g~)| over all pairs, including the worst-aligned."""
+    rng = np.random.default_rng(3)
+    dim = 256
+    gallery = rng.standard_normal((4096, dim)).astype(np.float32)
+    gallery /= np.linalg.norm(gallery, axis=1, keepdims=True)
+    queries = gallery[rng.choice(4096, 40, replace=False)] + 0.05 * rng.standard_normal(
+        (40, dim)).astype(np.float32)
+    stats = {}
+    scores, indices = ranker.top_k(queries, gallery, 10, make_mesh("1dev"), method="screen",
+                                   screen_candidates=64, gallery_tile=1024, stats=stats)
+    assert stats == dict(method="screen", certified=40, ranked_again=0)
+    np.testing.assert_array_equal(indices, reference_top_k(queries, gallery, 10)[1])
+
+    bf16 = lambda x: x.astype(jnp.bfloat16).astype(np.float32)
+    q16, g16 = np.asarray(bf16(queries)), np.asarray(bf16(gallery))
+    screened = np.asarray(jnp.dot(jnp.asarray(q16, jnp.bfloat16), jnp.asarray(g16, jnp.bfloat16).T,
+                                  preferred_element_type=jnp.float32))
+    error = np.abs(np.asarray(queries, np.float64) @ np.asarray(gallery, np.float64).T - screened)
+    g_norms = [float(np.max(n)) for n in ranker._bf16_error(gallery)]
+    bound = ranker.screen_error_bound(*ranker._bf16_error(queries), *g_norms, dim)
+    assert (error.max(1) <= bound).all()
+    # Worst alignment: a gallery row along a query's own rounding error.
+    dq = queries[0] - q16[0]
+    worst = dq / np.linalg.norm(dq)
+    err = abs(float(np.dot(np.float64(queries[0]), worst)) - float(np.dot(q16[0], bf16(worst))))
+    assert err <= ranker.screen_error_bound(*(n[:1] for n in ranker._bf16_error(queries)),
+                                            *g_norms, dim)[0]
+
+
+def test_unknown_ranking_method_is_one_clear_error():
+    with pytest.raises(ValueError, match="Unknown ranking method 'fast'; choose one of auto"):
+        ranker.top_k(np.ones((2, 4)), np.ones((5, 4)), 3, make_mesh("1dev"), method="fast")
 
 
 # ------------------------------------------------------------------------- end to end

@@ -1,70 +1,123 @@
-"""Exact top-k ranking of queries against a gallery, sharded over every device of a mesh.
+"""Exact top-k ranking of queries against a gallery: the fastest exact method for each backend.
 
-Ranking (`top_k`) is exact float32 dot-product top-k. The gallery is sharded by rows over all the
-devices of the mesh; each device scores a chunk of queries against its rows tile by tile and keeps a
-running top-k, then the per-device candidates are merged. Memory is bounded by query_chunk x
-gallery_tile scores per device, whatever the gallery size. Within a tile, rows are grouped in
-blocks of `_BLOCK`; the exact top-k lies in the k blocks with the largest maxima (every block
-ranked above an element's block holds an element at least as large), so only those k blocks are
-searched. Ties go to the lower gallery index, as in a stable numpy argsort of -scores: lax.top_k
-prefers the lower position, and every concatenation (selected blocks in index order, running
-list before the new tile, devices in row order) keeps positions in gallery-index order.
+`top_k(queries, gallery, k, mesh, method=...)` returns the float32 dot-product top-k, ties to the
+lower gallery index (as a stable numpy argsort of -scores), whatever the method:
+
+* `faiss` (the default on CPU): faiss's exact `IndexFlatIP` search (`faiss.knn`, BLAS in blocks,
+  bounded memory), then a stable re-sort of each row by (score, index) so ties among the kept
+  ids go to the lower index (faiss keeps the lower index at the cut, but may list ties in any
+  order). The field's reference implementation, multithreaded over queries.
+* `exact`: float32 (`Precision.HIGHEST`) scores on the mesh's devices. The gallery is sharded by
+  rows over all devices; each device scores a chunk of queries against its rows tile by tile and
+  keeps a running top-k, then the per-device candidates are merged. Memory is bounded by
+  query_chunk x gallery_tile scores per device, whatever the gallery size.
+* `screen` (the default on GPU and TPU): the same tiles, scored once in bfloat16 (float32
+  accumulation); the `screen_candidates` best of each tile are rescored in float32 from the
+  float32 rows and only those compete for the top-k. Exact by construction: with q~, g~ the
+  bfloat16 roundings, |q.g - q~.g~| <= |q - q~| |g| + |q~| |g - g~| + the accumulation error
+  (Cauchy-Schwarz; `screen_error_bound`). A query is certified when its k-th rescored score
+  exceeds every screened-out item's bfloat16 score plus that bound; the queries that are not
+  certified are ranked again by `exact`. `stats` reports how many.
+
+Within a tile, rows are grouped in blocks of `_BLOCK`; the n best of a tile lie in the n blocks
+with the largest maxima (every block ranked above an element's block holds an element at least as
+large), so only those blocks are searched. Ties go to the lower index: lax.top_k prefers the lower
+position, and every concatenation (selected blocks and candidates in index order, running list
+before the new tile, devices in row order) keeps positions in gallery-index order.
 """
+
+from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 _BLOCK = 32  # Gallery rows per block of the block-maximum pruning (see the module docstring).
+METHODS = ("auto", "faiss", "exact", "screen")
 
 _RANKERS = {}
 
 
-def _ranker(mesh, chunk: int, dim: int, k: int, num_valid: int, rows: int, tile: int):
+def resolve_method(method: str, mesh) -> str:
+    """`auto` -> `faiss` on CPU devices, `screen` on accelerators; others are checked and kept."""
+    if method not in METHODS:
+        raise ValueError(f"Unknown ranking method {method!r}; choose one of {', '.join(METHODS)}.")
+    if method != "auto":
+        return method
+    return "faiss" if mesh.devices.flat[0].platform == "cpu" else "screen"
+
+
+def _largest(s, valid, n: int):
+    """Per row of scores s [c, tile]: positions of the n largest in index order, and the largest
+    value left out (-inf when none is). Rows where `valid` is False never count."""
+    c, tile = s.shape
+    s = jnp.where(valid, s, -jnp.inf)
+    if tile <= n:
+        return jnp.broadcast_to(jnp.arange(tile, dtype=jnp.int32), s.shape), jnp.full(c, -jnp.inf)
+    nb = tile // _BLOCK
+    left_blocks = jnp.full(c, -jnp.inf)
+    pos = jnp.broadcast_to(jnp.arange(tile, dtype=jnp.int32), s.shape)
+    if nb > n:  # Prune: search only the n blocks with the largest maxima.
+        block_max, blocks = jax.lax.top_k(s.reshape(c, nb, _BLOCK).max(-1), n + 1)
+        left_blocks = block_max[:, n]
+        blocks = jnp.sort(blocks[:, :n], axis=-1)
+        pos = (blocks[:, :, None] * _BLOCK + jnp.arange(_BLOCK, dtype=jnp.int32)).reshape(c, -1)
+    v, p = jax.lax.top_k(jnp.take_along_axis(s, pos, axis=1), n + 1)
+    pos = jnp.sort(jnp.take_along_axis(pos, p[:, :n], axis=1), axis=-1)
+    return pos, jnp.maximum(left_blocks, v[:, n])
+
+
+def _ranker(mesh, chunk: int, dim: int, k: int, num_valid: int, rows: int, tile: int,
+            screen: int):
     """Jitted (init, step, merge). Device d owns gallery rows [d * rows, (d + 1) * rows), fed as
-    tiles of `tile` rows; `step(q, tile_rows, best_v, best_i, t)` folds tile t into each device's
-    running top-k [devices, chunk, k]; `merge` gives the replicated top-k [chunk, k]."""
-    key = (mesh, chunk, dim, k, num_valid, rows, tile)
+    tiles of `tile` rows; `step(q, tile_rows, tile_rows_bf16, best_v, best_i, best_left, t)` folds
+    tile t into each device's running top-k [devices, chunk, k] and largest screened-out score
+    [devices, chunk] (`screen` > 0; else -inf); `merge` gives the replicated top-k [chunk, k] and
+    largest screened-out score [chunk]."""
+    key = (mesh, chunk, dim, k, num_valid, rows, tile, screen)
     if key in _RANKERS:
         return _RANKERS[key]
-    axes, n, nb = mesh.axis_names, mesh.size, tile // _BLOCK
+    axes, n = mesh.axis_names, mesh.size
     dims = (((1,), (1,)), ((), ()))
+    highest = jax.lax.Precision.HIGHEST
 
-    def per_device(q, g, best_v, best_i, t):
+    def per_device(q, g, g16, best_v, best_i, best_left, t):
         base = jax.lax.axis_index(axes) * rows + t * tile
-        s = jax.lax.dot_general(q, g, dims, precision=jax.lax.Precision.HIGHEST,
-                                preferred_element_type=jnp.float32)
-        ids = base + jnp.arange(tile, dtype=jnp.int32)
-        if nb > k:  # Prune: search only the k blocks with the largest maxima.
-            masked = jnp.where(ids < num_valid, s, -jnp.inf).reshape(chunk, nb, _BLOCK)
-            _, blocks = jax.lax.top_k(masked.max(-1), k)
-            blocks = jnp.sort(blocks, axis=-1)  # Index order, for the tie rule.
-            pos = (blocks[:, :, None] * _BLOCK + jnp.arange(_BLOCK)).reshape(chunk, -1)
-            cand = jnp.take_along_axis(s, pos, axis=1)
-            cand = jnp.where(base + pos < num_valid, cand, -jnp.inf)
+        valid = base + jnp.arange(tile, dtype=jnp.int32) < num_valid
+        if screen:
+            s = jax.lax.dot_general(q.astype(jnp.bfloat16), g16, dims,
+                                    preferred_element_type=jnp.float32)
+            pos, left = _largest(s, valid, screen)
+            cand = jnp.einsum("cd,cnd->cn", q, jnp.take(g, pos, axis=0), precision=highest)
         else:
-            pos = jnp.broadcast_to(jnp.arange(tile, dtype=jnp.int32), s.shape)
-            cand = jnp.where(ids < num_valid, s, -jnp.inf)
+            s = jax.lax.dot_general(q, g, dims, precision=highest,
+                                    preferred_element_type=jnp.float32)
+            pos, left = _largest(s, valid, k)
+            cand = jnp.take_along_axis(s, pos, axis=1)
+        cand = jnp.where(base + pos < num_valid, cand, -jnp.inf)
         v, p = jax.lax.top_k(cand, k)
         v = jnp.concatenate([best_v[0], v], 1)  # Earlier tiles (lower indices) first.
         i = jnp.concatenate([best_i[0], base + jnp.take_along_axis(pos, p, axis=1)], 1)
         v, p = jax.lax.top_k(v, k)
-        return v[None], jnp.take_along_axis(i, p, axis=1)[None]
+        left = jnp.maximum(best_left[0], left) if screen else best_left[0]
+        return v[None], jnp.take_along_axis(i, p, axis=1)[None], left[None]
 
-    def merge(v, i):
+    def merge(v, i, left):
         v, i = (x.transpose(1, 0, 2).reshape(chunk, n * k) for x in (v, i))  # Device order.
         v, p = jax.lax.top_k(v, k)
-        return v, jnp.take_along_axis(i, p, axis=1)
+        return v, jnp.take_along_axis(i, p, axis=1), left.max(0)
 
     sharded, replicated = NamedSharding(mesh, P(axes)), NamedSharding(mesh, P())
     init = jax.jit(lambda: (jnp.full((n, chunk, k), -jnp.inf, jnp.float32),
-                            jnp.full((n, chunk, k), -1, jnp.int32)),
-                   out_shardings=(sharded, sharded))
-    step = jax.jit(jax.shard_map(per_device, mesh=mesh, out_specs=(P(axes), P(axes)),
-                                 in_specs=(P(), P(axes), P(axes), P(axes), P())),
-                   donate_argnums=(2, 3))
-    _RANKERS[key] = init, step, jax.jit(merge, out_shardings=(replicated, replicated))
+                            jnp.full((n, chunk, k), -1, jnp.int32),
+                            jnp.full((n, chunk), -jnp.inf, jnp.float32)),
+                   out_shardings=(sharded, sharded, sharded))
+    step = jax.jit(jax.shard_map(per_device, mesh=mesh, out_specs=(P(axes),) * 3,
+                                 in_specs=(P(), P(axes), P(axes), P(axes), P(axes), P(axes), P())),
+                   donate_argnums=(3, 4, 5))
+    _RANKERS[key] = init, step, jax.jit(merge, out_shardings=(replicated,) * 3)
     return _RANKERS[key]
 
 
@@ -87,21 +140,85 @@ def query_chunk_size(num_queries: int, query_chunk: int) -> int:
     return -(-num_queries // -(-num_queries // query_chunk) // 8) * 8
 
 
-def top_k(queries, gallery, k: int, mesh, *, query_chunk: int = 1024,
-          gallery_tile: int = 32768) -> tuple[np.ndarray, np.ndarray]:
+def _bf16_error(x: np.ndarray | jax.Array):
+    """Row norms of x, of its bfloat16 rounding, and of the rounding error (float32)."""
+    xp = jnp if isinstance(x, jax.Array) else np
+    x16 = x.astype(jnp.bfloat16 if xp is jnp else ml_dtypes.bfloat16).astype(np.float32)
+    norm = lambda a: xp.sqrt(xp.sum(xp.square(a.astype(np.float64 if xp is np else jnp.float32)),
+                                    axis=-1))
+    return norm(x), norm(x16), norm(x - x16)
+
+
+_to_bf16 = jax.jit(lambda g: g.astype(jnp.bfloat16))  # Keeps g's sharding.
+_max_norms = jax.jit(lambda g: [x.max() for x in _bf16_error(g)])
+
+
+def screen_error_bound(q_norm, q16_norm, dq_norm, g_norm, g16_norm, dg_norm, dim: int):
+    """Bound on |q.g - fl(q~.g~)| for every gallery row g, from norms (see the module docstring):
+    |q - q~| max|g| + |q~| max|g - g~| + the float32 accumulation error of both the bfloat16
+    product and the float32 rescore (gamma_D |q| |g| each, with gamma_D = D u / (1 - D u))."""
+    u = 2.0 ** -24
+    gamma = dim * u / (1 - dim * u)
+    return (dq_norm * g_norm + q16_norm * dg_norm
+            + 2 * gamma * np.maximum(q_norm, q16_norm) * max(g_norm, g16_norm)) * (1 + 1e-3)  # slack for the norms' own rounding
+
+
+def _faiss_top_k(queries, gallery, k, stats, margin: int = 8, redo_chunk: int = 64):
+    """faiss's exact inner-product search, with ties at the cut resolved to the lower index.
+
+    faiss keeps an arbitrary member of a tie group at the k-th place, so it is asked for k +
+    `margin`; re-sorted by (score, index), the first k are exact wherever the k-th score beats
+    the last returned one (nothing left out can tie it). The rare rows where it does not (a tie
+    group longer than the margin: duplicated gallery items) are ranked again with numpy scores,
+    `redo_chunk` rows at a time.
+    """
+    try:
+        import faiss
+    except ImportError as e:
+        raise ImportError("Ranking method 'faiss' needs faiss-cpu: pip install -r "
+                          "requirements.txt (or set config.evals.<name>.ranker='exact').") from e
+    wide = min(k + margin, len(gallery))
+    scores, indices = faiss.knn(queries, gallery, wide, metric=faiss.METRIC_INNER_PRODUCT)
+    order = np.lexsort((indices, -scores), axis=-1)
+    scores, indices = (np.take_along_axis(x, order, 1) for x in (scores, indices))
+    redo = np.flatnonzero(scores[:, k - 1] <= scores[:, -1]) if wide < len(gallery) else []
+    scores, indices = scores[:, :k], indices[:, :k]
+    stats["ranked_again"] = len(redo)
+    for start in range(0, len(redo), redo_chunk):
+        rows = redo[start:start + redo_chunk]
+        all_scores = queries[rows] @ gallery.T
+        kth = -np.partition(-all_scores, k - 1, axis=1)[:, k - 1]
+        for j, row in enumerate(rows):
+            cand = np.flatnonzero(all_scores[j] >= kth[j])  # In index order.
+            keep = cand[np.argsort(-all_scores[j, cand], kind="stable")[:k]]
+            scores[row], indices[row] = all_scores[j, keep], keep
+    return scores.astype(np.float32), indices.astype(np.int32)
+
+
+def top_k(queries, gallery, k: int, mesh, *, method: str = "auto", query_chunk: int = 1024,
+          gallery_tile: int = 32768, screen_candidates: int = 256,
+          stats: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-k of queries @ gallery.T: (scores [Q, k'], gallery indices [Q, k']), best first.
 
     k' = min(k, G). Ties go to the lower gallery index. `queries` [Q, D] and `gallery` [G, D] are
-    host arrays, the same on every process; the result is returned on every process.
+    host arrays, the same on every process; the result is returned on every process. `method`:
+    see the module docstring. `stats`, if given, receives the method used and how many queries
+    were ranked again (`faiss`: ties running past the margin; `screen`: not certified).
     """
-    queries = np.asarray(queries, np.float32)
-    gallery = np.asarray(gallery, np.float32)
+    queries = np.ascontiguousarray(queries, np.float32)
+    gallery = np.ascontiguousarray(gallery, np.float32)
     (num_q, dim), num_g = queries.shape, gallery.shape[0]
     if num_g == 0 or gallery.shape[1] != dim:
         raise ValueError(f"Cannot rank queries {queries.shape} against gallery {gallery.shape}.")
+    method = resolve_method(method, mesh)
+    stats = {} if stats is None else stats
+    stats["method"] = method
     k = min(k, num_g)
     if num_q == 0:
         return np.zeros((0, k), np.float32), np.zeros((0, k), np.int32)
+    if method == "faiss":
+        return _faiss_top_k(queries, gallery, k, stats)
+    screen = max(screen_candidates, k) if method == "screen" else 0
     n = mesh.size
     rows = max(-(-num_g // n), k)  # Gallery rows per device, before padding.
     num_tiles = max(1, min(-(-rows // gallery_tile), rows // k))  # Tiles of at least k rows.
@@ -110,17 +227,28 @@ def top_k(queries, gallery, k: int, mesh, *, query_chunk: int = 1024,
     sharded = NamedSharding(mesh, P(mesh.axis_names))
     tiles = [_put(gallery, sharded, (n * tile, dim),
                   lambda r, t=t: r // tile * rows + t * tile + r % tile) for t in range(num_tiles)]
+    if screen:
+        tiles16 = [_to_bf16(g) for g in tiles]
+        g_norm, g16_norm, dg_norm = np.max([jax.device_get(_max_norms(g)) for g in tiles], axis=0)
+    else:
+        tiles16 = tiles  # Unused by the exact step.
     chunk = query_chunk_size(num_q, query_chunk)
-    init, step, merge = _ranker(mesh, chunk, dim, k, num_g, rows, tile)
+    init, step, merge = _ranker(mesh, chunk, dim, k, num_g, rows, tile, screen)
     outputs = []
     for s in range(0, num_q, chunk):
         q = _put(queries[s:s + chunk], NamedSharding(mesh, P()), (chunk, dim))
         best = init()
-        for t, g in enumerate(tiles):
-            best = step(q, g, *best, np.int32(t))
+        for t, (g, g16) in enumerate(zip(tiles, tiles16)):
+            best = step(q, g, g16, *best, np.int32(t))
         outputs.append(merge(*best))
-    scores, indices = (np.concatenate([np.asarray(o[j].addressable_data(0)) for o in outputs])
-                       for j in (0, 1))
-    return scores[:num_q], indices[:num_q]
-
-
+    scores, indices, left = (np.concatenate([np.asarray(o[j].addressable_data(0))
+                                             for o in outputs])[:num_q] for j in (0, 1, 2))
+    if screen:
+        bound = screen_error_bound(*_bf16_error(queries), g_norm, g16_norm, dg_norm, dim)
+        redo = np.flatnonzero(~(scores[:, -1] > left + bound))
+        stats.update(certified=num_q - len(redo), ranked_again=len(redo))
+        if len(redo):
+            scores[redo], indices[redo] = top_k(
+                queries[redo], gallery, k, mesh, method="exact", query_chunk=query_chunk,
+                gallery_tile=gallery_tile)
+    return scores, indices

@@ -23,7 +23,8 @@ from absl import logging
 
 from capture_jax import metrics
 from capture_jax.evaluators import baselines as baseline_lib
-from capture_jax.evaluators import embedding, ground_truth, ranker, report
+from capture_jax.evaluators import embedding, ground_truth, report
+from capture_jax.evaluators import ranker as ranker_lib
 from capture_jax.models import capture
 
 
@@ -33,7 +34,7 @@ class Evaluator:
     def __init__(self, experiment, *, batch_size: int, gallery_split: str,
                  query_splits: tuple[str, ...], feature_kinds: tuple[str, ...], headline: str,
                  baselines: tuple[str, ...], top_k: int, query_chunk: int, gallery_tile: int,
-                 report_queries: int):
+                 ranker: str, screen_candidates: int, report_queries: int):
         unknown = [k for k in feature_kinds if k not in capture.FEATURE_KINDS]
         if unknown:
             raise ValueError(f"Unknown feature kinds {unknown} in config.evals.retrieval."
@@ -48,6 +49,8 @@ class Evaluator:
         self.feature_kinds, self.baselines = tuple(feature_kinds), tuple(baselines)
         self.headline, self.top_k, self.report_queries = headline, top_k, report_queries
         self.query_chunk, self.gallery_tile = query_chunk, gallery_tile
+        self.ranker = ranker_lib.resolve_method(ranker, experiment.mesh)
+        self.screen_candidates = screen_candidates
 
     def _embed(self, model_state, split: str) -> embedding.Embedded:
         image = tuple(b for b in self.baselines if b in baseline_lib.IMAGE_BASELINES)
@@ -59,9 +62,15 @@ class Evaluator:
         if kind == "tfidf":
             return tfidf.top_k(queries.titles, self.top_k)
         with jax.set_mesh(self.exp.mesh):
-            _, indices = ranker.top_k(queries.features[kind], gallery.features[kind], self.top_k,
-                                      self.exp.mesh, query_chunk=self.query_chunk,
-                                      gallery_tile=self.gallery_tile)
+            stats = {}
+            _, indices = ranker_lib.top_k(
+                queries.features[kind], gallery.features[kind], self.top_k, self.exp.mesh,
+                method=self.ranker, query_chunk=self.query_chunk, gallery_tile=self.gallery_tile,
+                screen_candidates=self.screen_candidates, stats=stats)
+            if stats.get("ranked_again"):
+                logging.info("Ranking %s: %d of %d queries were not certified by the bfloat16 "
+                             "screen and were ranked again in float32.", kind,
+                             stats["ranked_again"], len(indices))
         return indices
 
     def evaluate(self, model_state, step: int) -> list[tuple[str, float]]:
