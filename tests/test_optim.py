@@ -90,3 +90,48 @@ def test_gradient_accumulation_updates_every_k_steps():
     first, state = tx.update(grads, state, params)
     second, state = tx.update(grads, state, params)
     assert not np.any(first["joint"]["kernel"]) and np.all(second["joint"]["kernel"] != 0)
+
+
+def test_fused_update_equals_the_optax_chain_step_after_step():
+    """`clipped_adamw` (the default) against the optax chain it fuses, over 6 jitted steps with
+    the norm above and below the clip: same updates, same state pytree (checkpoints interchange)."""
+    config = _config(learning_rate=1e-2, warmup_fraction=0.3, grad_clip_norm=1.0)
+    fused = optim.create_optimizer(config)
+    chain = optim.optax_chain(config, optim.learning_rate_schedule(config))
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(lambda p: jnp.asarray(rng.standard_normal(p.shape), jnp.float32),
+                          _params())
+    fused_state, chain_state = fused.init(params), chain.init(params)
+    assert jax.tree.structure(fused_state) == jax.tree.structure(chain_state)
+    fused_update, chain_update = jax.jit(fused.update), jax.jit(chain.update)
+    for step in range(6):
+        scale = 3.0 if step % 2 else 0.05  # Clipped on odd steps only.
+        grads = jax.tree.map(lambda p: jnp.asarray(scale * rng.standard_normal(p.shape),
+                                                   jnp.float32), params)
+        u_fused, fused_state = fused_update(grads, fused_state, params)
+        u_chain, chain_state = chain_update(grads, chain_state, params)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-6, atol=1e-9),
+                     (u_fused, fused_state), (u_chain, chain_state))
+        params = jax.tree.map(lambda p, u: p + u, params, u_fused)
+    assert int(fused_state[1][0].count) == 6
+
+
+def test_fused_update_writes_only_the_new_parameter_and_moments():
+    """In XLA's compiled step (update + apply), the fused optimiser writes three arrays per
+    parameter: the parameter and the two moments. The optax chain also materialises the clipped
+    gradient (a fourth full pass, about 1.6x the time at the `paper` size on a CPU)."""
+    config = _config()
+    params = {f"w{i}": jnp.ones((256, 256 + i)) for i in range(4)}
+
+    def full_size_writes(tx):
+        def step(g, s, p):
+            u, s = tx.update(g, s, p)
+            return jax.tree.map(jnp.add, p, u), s
+        hlo = jax.jit(step).lower(params, tx.init(params), params).compile().as_text()
+        entry = hlo[hlo.index("ENTRY"):].splitlines()
+        return sorted(sum(f"= f32[{w.shape[0]},{w.shape[1]}]" in line and "fusion(" in line
+                          for line in entry) for w in params.values())
+
+    assert full_size_writes(optim.create_optimizer(config)) == [3] * len(params)
+    assert full_size_writes(optim.optax_chain(
+        config, optim.learning_rate_schedule(config))) == [4] * len(params)
