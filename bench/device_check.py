@@ -10,9 +10,15 @@ measured:
     of the variant's shapes, median of timed steps after two warm-ups): `paper` in bfloat16 at
     global batches 64, 128, 256, with remat, with each attention implementation, and
     `paper_pixels`; step time, examples/s, MFU, XLA's scratch memory, peak device memory;
+  * `profile` (`--profile_steps`, after the first train setting): where that step's time goes,
+    from a JAX profiler trace of a few more steps (bench/profile_summary.py: device busy time
+    against the step's window, ops per step, the top ops); the trace is kept under
+    `--profile_dir` (default: $OUT/profile when $OUT is set, else a temporary directory);
   * `ranker`: the evaluator's exact top-100 (`capture_jax.evaluators.ranker.top_k`) for 6,547
-    1024-d queries over 1M and 10M gallery rows: seconds, queries/s, and achieved TFLOP/s of the
-    scoring matmul (2 x queries x gallery x dim FLOPs);
+    1024-d queries over 1M and 10M gallery rows, by each of `--ranker_methods` (`screen`: the
+    bfloat16 screen with float32 rescore, `exact`: float32 scores): seconds, queries/s, achieved
+    TFLOP/s of the equivalent float32 matmul (2 x queries x gallery x dim FLOPs), and for the
+    screen how many queries it certified;
   * `skipped`: a measurement not run (over `--budget_s`, or one that needs a GPU), and `error`:
     one that failed, with the exception, so the other lines still come.
 
@@ -29,6 +35,7 @@ import importlib.metadata
 import json
 import os
 import sys
+import tempfile
 import time
 import traceback
 
@@ -39,6 +46,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import flags, logging  # noqa: E402
 
+import profile_summary  # noqa: E402  (bench/: the trace summary)
 import train_throughput  # noqa: E402  (bench/: the train-step measurement)
 from capture_jax import cli, sharding  # noqa: E402
 from capture_jax.models import cost  # noqa: E402
@@ -52,6 +60,11 @@ flags.DEFINE_list("ranker_sizes", ["1000000", "10000000"], "Gallery sizes for th
 flags.DEFINE_list("train_settings", [], "variant:batch:remat:attention items replacing the "
                   "default list, e.g. paper:512:none:auto.")
 flags.DEFINE_bool("ranker_first", False, "Measure the ranker before the train steps.")
+flags.DEFINE_list("ranker_methods", ["screen", "exact"], "Ranking methods measured per size "
+                  "(exact is skipped above 2M rows: it is the screen's fallback, and slow).")
+flags.DEFINE_integer("profile_steps", 3, "Steps traced after the first train setting (0: none).")
+flags.DEFINE_string("profile_dir", None, "Where the trace goes (default: $OUT/profile if $OUT "
+                    "is set, else a temporary directory).")
 
 # (variant, global batch, remat, attention_impl), most important first: the budget may cut the tail.
 PAPER_SETTINGS = [
@@ -88,16 +101,23 @@ def env_line() -> dict:
                 "tensorflow", "tensorflow_datasets", "orbax", "clu"})}
 
 
-def train_line(variant: str, batch: int, remat: str, attention: str, steps: int) -> dict:
+def train_line(variant: str, batch: int, remat: str, attention: str, steps: int,
+               profile_dir: str | None = None) -> dict:
     dtype = "bfloat16" if jax.default_backend() == "gpu" or variant.startswith("paper") else None
-    line = train_throughput.measure_step(variant, batch, steps, dtype, remat, 0, attention)
+    line = train_throughput.measure_step(variant, batch, steps, dtype, remat, 0, attention,
+                                         profile_dir, FLAGS.profile_steps)
     stats = jax.devices()[0].memory_stats() or {}
     line["peak_device_mib"] = (round(stats["peak_bytes_in_use"] / 2**20, 1)
                                if "peak_bytes_in_use" in stats else None)
+    if profile_dir:
+        say(line)
+        line = {"what": f"{variant} batch {batch} remat {remat} attention {attention}",
+                **profile_summary.summarize(profile_dir, FLAGS.profile_steps),
+                "trace_dir": profile_dir}
     return line
 
 
-def ranker_line(size: int, queries: int, dim: int, k: int) -> dict:
+def ranker_line(size: int, queries: int, dim: int, k: int, method: str) -> dict:
     from capture_jax.evaluators import ranker
 
     rng = np.random.default_rng(0)
@@ -110,15 +130,19 @@ def ranker_line(size: int, queries: int, dim: int, k: int) -> dict:
         (queries, dim), dtype=np.float32)
     mesh = sharding.make_mesh({"data": -1})
     ec = capture_configs.get_config().evals.retrieval
-    kw = dict(query_chunk=ec.query_chunk, gallery_tile=ec.gallery_tile)
+    kw = dict(query_chunk=ec.query_chunk, gallery_tile=ec.gallery_tile, method=method,
+              screen_candidates=ec.screen_candidates)
     chunk = ranker.query_chunk_size(queries, ec.query_chunk)
     start = time.perf_counter()
     ranker.top_k(query[:chunk], gallery, k, mesh, **kw)  # Compiles the program for one chunk.
     warmup_s = time.perf_counter() - start
     start = time.perf_counter()
-    _, ids = ranker.top_k(query, gallery, k, mesh, **kw)
+    stats = {}
+    _, ids = ranker.top_k(query, gallery, k, mesh, stats=stats, **kw)
     seconds = time.perf_counter() - start
-    line = {"bench": "ranker", "gallery": size, "queries": queries, "dim": dim, "k": k,
+    line = {"bench": "ranker", "method": method, **{f"{k}": v for k, v in stats.items()
+                                                    if k != "method"},
+            "gallery": size, "queries": queries, "dim": dim, "k": k,
             "seconds": round(seconds, 3), "queries_per_s": round(queries / seconds, 1),
             "matmul_tflop_per_s": round(2 * queries * size * dim / seconds / 1e12, 2),
             "warmup_s": round(warmup_s, 2), "query_chunk": chunk, "gallery_tile": ec.gallery_tile,
@@ -143,10 +167,16 @@ def main(argv: list[str]) -> None:
     sizes = [2000] if FLAGS.tiny else [int(s) for s in FLAGS.ranker_sizes]
     queries, dim = (64, 32) if FLAGS.tiny else (6547, 1024)
     jobs = [(f"train_step {v} batch {b} remat {r} attention {a}",
-             lambda v=v, b=b, r=r, a=a: train_line(v, b, r, a, steps),
-             a == "cudnn" and not gpu) for v, b, r, a in settings]
-    ranker_jobs = [(f"ranker gallery {n}", lambda n=n: ranker_line(n, queries, dim, 100), False)
-                   for n in sizes]
+             lambda v=v, b=b, r=r, a=a, first=(j == 0): train_line(
+                 v, b, r, a, steps, profile_dir if first else None),
+             a == "cudnn" and not gpu) for j, (v, b, r, a) in enumerate(settings)]
+    ranker_jobs = [(f"ranker {m} gallery {n}", lambda n=n, m=m: ranker_line(n, queries, dim, 100, m),
+                    False) for n in sizes for m in FLAGS.ranker_methods
+                   if not (m == "exact" and n > 2_000_000 and "screen" in FLAGS.ranker_methods)]
+    profile_dir = None
+    if FLAGS.profile_steps:
+        profile_dir = FLAGS.profile_dir or (os.path.join(os.environ["OUT"], "profile")
+                                            if os.environ.get("OUT") else tempfile.mkdtemp())
     jobs = ranker_jobs + jobs if FLAGS.ranker_first else jobs + ranker_jobs
     for name, run, needs_gpu in jobs:
         elapsed = time.perf_counter() - start

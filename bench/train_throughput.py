@@ -74,7 +74,13 @@ def random_batch(model_config, batch_size: int, seed: int = 0) -> dict[str, np.n
 
 
 def measure_step(variant: str, batch_size: int, steps: int, dtype: str | None, remat: str,
-                 mlm_max_predictions: int, attention_impl: str) -> dict:
+                 mlm_max_predictions: int, attention_impl: str, profile_dir: str | None = None,
+                 profile_steps: int = 3) -> dict:
+    """One setting's line (see the module docstring). `pipelined_step_s` times the same number
+    of steps dispatched back to back with one wait at the end: against `step_s` (a wait after
+    every step) it shows how much of a step is the host's. With `profile_dir`, `profile_steps`
+    more steps are traced there (`jax.profiler`, with a perfetto trace for
+    bench/profile_summary.py)."""
     config = capture_configs.get_config(variant)
     config.global_batch_size = batch_size
     if dtype:
@@ -108,6 +114,16 @@ def measure_step(variant: str, batch_size: int, steps: int, dtype: str | None, r
             model, opt, metrics = step_fn(model, opt, batch, i + 2)
             jax.block_until_ready(metrics)
             times.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        for i in range(steps):
+            model, opt, metrics = step_fn(model, opt, batch, i + 2 + steps)
+        jax.block_until_ready((model, opt, metrics))
+        pipelined_s = (time.perf_counter() - start) / steps
+        if profile_dir:
+            with jax.profiler.trace(profile_dir, create_perfetto_trace=True):
+                for i in range(profile_steps):
+                    model, opt, metrics = step_fn(model, opt, batch, i + 2 + 2 * steps)
+                jax.block_until_ready((model, opt, metrics))
     step_s = statistics.median(times)
     flops = cost.train_flops_per_example(config.model, variant)
     peak = cost.peak_flops(jax.devices()[0])
@@ -117,7 +133,8 @@ def measure_step(variant: str, batch_size: int, steps: int, dtype: str | None, r
         "dtype": config.model.dtype, "remat": remat, "mlm_max_predictions": mlm_max_predictions,
         "attention_impl": attention_impl,
         "device": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
-        "step_s": round(step_s, 4), "examples_per_s": round(examples_per_s, 2),
+        "step_s": round(step_s, 4), "pipelined_step_s": round(pipelined_s, 4),
+        "examples_per_s": round(examples_per_s, 2),
         "train_gflop_per_example": round(flops / 1e9, 4),
         "achieved_tflop_per_s": round(examples_per_s * flops / 1e12, 4),
         "mfu": round(examples_per_s * flops / (peak * jax.device_count()), 4) if peak else None,
