@@ -52,6 +52,9 @@ def _paper() -> dict[str, Any]:
             # jax.nn.dot_product_attention's implementation: 'auto' (JAX chooses; XLA today),
             # 'xla', or 'cudnn' (NVIDIA GPU, bfloat16; where attention dropout is off).
             attention_impl="auto",
+            # The word-embedding gradient (models/layers.py lookup): auto = a one-hot matmul
+            # on GPU/TPU (a scatter-add serialises on repeated ids there), a scatter on CPU.
+            embedding_grad="auto",
             # 0: MLM logits at every text position (the reference); K > 0: only at the first K
             # MLM-selected positions of a row (fewer FLOPs; later selections are not scored;
             # P(> 16 of 34 tokens at p = 0.15) ~ 2e-6).

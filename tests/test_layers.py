@@ -225,3 +225,32 @@ def test_cudnn_layout_keeps_attention_exact():
     # An explicit 'xla' implementation is the default path.
     xla = layers.dot_product_attention(q, k, v, jnp.asarray(bias), implementation="xla")
     np.testing.assert_array_equal(xla, layers.dot_product_attention(q, k, v, jnp.asarray(bias)))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_embedding_lookup_dense_gradient_equals_the_scatter(dtype):
+    """`lookup(..., "dense")` (one-hot matmul gradient, for accelerators) gives the embedding's
+    values and the scatter's gradient, with repeated ids (padding) as in a real batch; in
+    bfloat16 it accumulates in float32 (the scatter in bfloat16), so it is at least as close to
+    the float64 sum, up to the final rounding to bfloat16."""
+    emb = nnx.Embed(50, 8, dtype=dtype, rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(0)
+    ids = jnp.asarray(np.where(rng.uniform(size=(6, 9)) < 0.4, 0, rng.integers(0, 50, (6, 9))))
+    weights = jnp.asarray(rng.standard_normal((6, 9, 8)), jnp.float32)
+
+    def grad(how):
+        loss = lambda e: (layers.lookup(e, ids, how).astype(jnp.float32) * weights).sum()
+        return np.asarray(nnx.grad(loss)(emb).embedding[...], np.float64)
+
+    np.testing.assert_array_equal(layers.lookup(emb, ids, "dense"), emb(ids))
+    exact = np.zeros((50, 8))  # The float64 sum of the cotangents (weights in `dtype`).
+    np.add.at(exact, np.asarray(ids).ravel(),
+              np.asarray(weights.astype(dtype), np.float64).reshape(-1, 8))
+    scatter, dense = grad("scatter"), grad("dense")
+    if dtype == jnp.float32:
+        np.testing.assert_allclose(dense, scatter, rtol=1e-5, atol=1e-5)
+    assert np.abs(dense - exact).max() <= np.abs(scatter - exact).max() + 1e-6
+    rtol = 1e-5 if dtype == jnp.float32 else 2 ** -8
+    np.testing.assert_allclose(dense, exact, rtol=rtol, atol=1e-4)
+    with pytest.raises(ValueError, match="Unknown embedding gradient 'sparse'"):
+        layers.lookup(emb, ids, "sparse")

@@ -30,6 +30,17 @@ Array = jax.Array
 Batch = Mapping[str, Array]
 
 
+def embedding_gradient(config: ml_collections.ConfigDict) -> str:
+    """`config.embedding_grad` ('auto', 'scatter', 'dense'; see `layers.lookup`): 'auto' is
+    'dense' on GPUs and TPUs and 'scatter' on CPUs."""
+    grad = config.embedding_grad
+    if grad == "auto":
+        return "scatter" if jax.default_backend() == "cpu" else "dense"
+    if grad not in ("scatter", "dense"):
+        raise ValueError(f"Unknown embedding_grad {grad!r}; use 'auto', 'scatter' or 'dense'.")
+    return grad
+
+
 class TextEmbeddings(nnx.Module):
     """BERT embeddings: word + position + token type (all type 0), LN, dropout."""
 
@@ -42,14 +53,18 @@ class TextEmbeddings(nnx.Module):
                                                common, rngs)
         self.layer_norm = layers.LayerNorm(d, common)
         self.rate = common.dropout_rate
+        self.gradient = embedding_gradient(config)
 
     def __call__(self, ids: Array, dropout_key: layers.Key) -> Array:
         if ids.shape[1] > self.position_embeddings.num_embeddings:
             raise ValueError(f"Text length {ids.shape[1]} exceeds the "
                              f"{self.position_embeddings.num_embeddings} text positions.")
         positions = jnp.arange(ids.shape[1])[None, :]
-        x = (self.word_embeddings(ids) + self.position_embeddings(positions)
-             + self.token_type_embeddings(jnp.zeros_like(ids)))
+        # Every token has type 0: one row, broadcast (its gradient is a sum, not a scatter-add
+        # of every token into the same row).
+        token_type = self.token_type_embeddings(jnp.zeros((1, 1), jnp.int32))
+        x = (layers.lookup(self.word_embeddings, ids, self.gradient)
+             + self.position_embeddings(positions) + token_type)
         return constrain(layers.dropout(self.layer_norm(x), self.rate, dropout_key), ACTIVATION)
 
 
