@@ -6,16 +6,18 @@ rounds interleaved (method order rotated each round; median and range reported):
 
 * `numpy`: per query chunk `q @ g.T`, `np.argpartition(-scores, k)`, sort those k;
 * `faiss`: `faiss.knn` (exact `IndexFlatIP` search), the number to beat;
-* `ranker`: `capture_jax.evaluators.ranker.top_k` with the evaluator's default method (`auto`:
-  faiss on CPU, the bfloat16 screen with float32 rescore on accelerators), ties to the lower id;
-* `ranker_exact` (with --exact): the float32 device ranker (`method="exact"`), compiled first.
+* `ranker`: `capture_jax.evaluators.ranker.top_k` with the evaluator's default method
+  (`exact`: float32 on the JAX devices), ties to the lower id, compiled before the first round;
+* `ranker_faiss`, `ranker_screen`: the ranker's other methods (faiss with its tie handling; the
+  bfloat16 screen with float32 rescore).
 
-One JSON line per size: seconds per method, speed-ups against faiss, each method's index
-agreement with numpy, peak resident memory. Each size runs in a fresh subprocess. The numpy chunk
-is capped so its temporaries stay under --numpy_chunk_gb.
+`--methods` picks among them (default: numpy, faiss, ranker). One JSON line per size: seconds
+per method, speed-ups against faiss, each method's index agreement with the first method,
+peak resident memory. Each size runs in a fresh subprocess. The numpy chunk is capped so its
+temporaries stay under --numpy_chunk_gb.
 
   python bench/retrieval.py [--sizes 10000,100000,1000000] [--queries 6547] [--dim 1024]
-                            [--repeats 3] [--exact] [--devices 1]
+      [--repeats 3] [--methods numpy,faiss,ranker,ranker_faiss,ranker_screen] [--devices 1]
 """
 
 import json
@@ -42,7 +44,7 @@ flags.DEFINE_integer("k", 100, "Gallery ids kept per query.")
 flags.DEFINE_integer("devices", 1, "Fake CPU devices for the JAX mesh.")
 flags.DEFINE_float("numpy_chunk_gb", 4.0, "Cap on the numpy baseline's temporaries per chunk.")
 flags.DEFINE_integer("repeats", 3, "Interleaved rounds; the median counts.")
-flags.DEFINE_bool("exact", False, "Also time the float32 device ranker (method='exact').")
+flags.DEFINE_list("methods", ["numpy", "faiss", "ranker"], "Methods to time (see above).")
 flags.DEFINE_integer("size", None, "One gallery size, measured in this process (the "
                      "subprocess of each --sizes entry).")
 
@@ -84,16 +86,23 @@ def run_one(args) -> dict:
     kw = dict(query_chunk=ec.query_chunk, gallery_tile=ec.gallery_tile)
     np_chunk = int(min(ec.query_chunk, max(8, args.numpy_chunk_gb * 2**30 // (16 * size))))
     stats = {}
-    methods = {
+    chunk = ranker.query_chunk_size(len(queries), ec.query_chunk)
+    available = {
         "numpy": lambda: numpy_top_k(queries, gallery, k, np_chunk),
         "faiss": lambda: faiss.knn(queries, gallery, k, metric=faiss.METRIC_INNER_PRODUCT)[1],
-        "ranker": lambda: ranker.top_k(queries, gallery, k, mesh, stats=stats, **kw)[1],
+        "ranker": lambda: ranker.top_k(queries, gallery, k, mesh, **kw)[1],
+        "ranker_faiss": lambda: ranker.top_k(queries, gallery, k, mesh, method="faiss", **kw)[1],
+        "ranker_screen": lambda: ranker.top_k(queries, gallery, k, mesh, method="screen",
+                                              stats=stats, **kw)[1],
     }
-    if args.exact:
-        chunk = ranker.query_chunk_size(len(queries), ec.query_chunk)
-        ranker.top_k(queries[:chunk], gallery, k, mesh, method="exact", **kw)  # Compiles.
-        methods["ranker_exact"] = lambda: ranker.top_k(queries, gallery, k, mesh,
-                                                       method="exact", **kw)[1]
+    unknown = set(args.methods) - set(available)
+    if unknown:
+        raise SystemExit(f"Unknown --methods {sorted(unknown)}; choose among {list(available)}.")
+    methods = {m: available[m] for m in args.methods}
+    for m in ("ranker", "ranker_screen"):  # Compile for the chunk shape before timing.
+        if m in methods:
+            ranker.top_k(queries[:chunk], gallery, k, mesh,
+                         method="screen" if m == "ranker_screen" else "exact", **kw)
     names, times, results = list(methods), {m: [] for m in methods}, {}
     for r in range(args.repeats):
         for name in names[r % len(names):] + names[:r % len(names)]:
@@ -102,17 +111,17 @@ def run_one(args) -> dict:
             times[name].append(time.perf_counter() - start)
     median = {m: statistics.median(t) for m, t in times.items()}
     out = dict(benchmark="retrieval_top_k", gallery=size, queries=args.queries, dim=args.dim,
-               k=k, repeats=args.repeats, ranker_method=stats.get("method"))
+               k=k, repeats=args.repeats, **{f"screen_{k}": v for k, v in stats.items()
+                                              if k != "method"})
     for m in names:
         out[f"{m}_s"] = round(median[m], 3)
         out[f"{m}_s_range"] = [round(min(times[m]), 3), round(max(times[m]), 3)]
     for m in names:
-        if m != "faiss":
+        if m != "faiss" and "faiss" in median:
             out[f"{m}_speed_vs_faiss"] = round(median["faiss"] / median[m], 3)
-    for m in names:
-        if m != "numpy":
-            out[f"{m}_agreement_with_numpy"] = round(
-                float(np.mean(results[m] == results["numpy"])), 6)
+    for m in names[1:]:
+        out[f"{m}_agreement_with_{names[0]}"] = round(
+            float(np.mean(results[m] == results[names[0]])), 6)
     out.update(numpy_query_chunk=np_chunk, peak_rss_gib=round(
         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
         devices=jax.device_count(), cpus=os.cpu_count(), faiss_threads=faiss.omp_get_max_threads(),
@@ -128,7 +137,8 @@ def main(argv: list[str]) -> None:
     for size in FLAGS.sizes:
         cmd = [sys.executable, __file__, "--size", size] + [
             f"--{name}={getattr(FLAGS, name)}" for name in
-            ("queries", "dim", "k", "devices", "numpy_chunk_gb", "repeats", "exact")]
+            ("queries", "dim", "k", "devices", "numpy_chunk_gb", "repeats")] + [
+            f"--methods={','.join(FLAGS.methods)}"]
         subprocess.run(cmd, check=True)
 
 

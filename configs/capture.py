@@ -163,10 +163,10 @@ def _paper() -> dict[str, Any]:
                 top_k=100,  # Gallery ids written per query (the official scores use up to 100).
                 query_chunk=1024,  # Queries ranked at once; memory = query_chunk x gallery_tile.
                 gallery_tile=32768,  # Gallery rows per device scored at once.
-                # Exact top-k method (evaluators/ranker.py): auto = faiss on CPU, a bfloat16
-                # screen with an exact float32 rescore on GPU/TPU; or faiss, exact, screen.
-                ranker="auto",
-                screen_candidates=256,  # Per tile and query, rescored in float32 (screen).
+                # Exact top-k method (evaluators/ranker.py): exact (float32 on the devices), faiss
+                # (on the host), screen (bfloat16 screen + float32 rescore on the devices).
+                ranker="exact",
+                screen_candidates=256,  # Per query, rescored in float32 (screen).
                 report_queries=20,  # Queries shown in each report.html (evenly spaced sample).
             ),
         ),

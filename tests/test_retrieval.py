@@ -134,7 +134,7 @@ def test_screen_certifies_separated_queries_and_its_bound_holds():
 
 
 def test_unknown_ranking_method_is_one_clear_error():
-    with pytest.raises(ValueError, match="Unknown ranking method 'fast'; choose one of auto"):
+    with pytest.raises(ValueError, match="Unknown ranking method 'fast'; choose one of exact, faiss, screen"):
         ranker.top_k(np.ones((2, 4)), np.ones((5, 4)), 3, make_mesh("1dev"), method="fast")
 
 

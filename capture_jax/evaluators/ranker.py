@@ -1,23 +1,26 @@
-"""Exact top-k ranking of queries against a gallery: the fastest exact method for each backend.
+"""Exact top-k ranking of queries against a gallery, by one of three methods.
 
 `top_k(queries, gallery, k, mesh, method=...)` returns the float32 dot-product top-k, ties to the
-lower gallery index (as a stable numpy argsort of -scores), whatever the method:
+lower gallery index (as a stable numpy argsort of -scores), whatever the method. Which is fastest
+depends on the machine; docs/performance.md has the measurements (bench/retrieval.py on CPUs,
+bench/device_check.py on accelerators), and `exact`, the default, was the fastest wherever
+measured so far:
 
-* `faiss` (the default on CPU): faiss's exact `IndexFlatIP` search (`faiss.knn`, BLAS in blocks,
-  bounded memory), then a stable re-sort of each row by (score, index) so ties among the kept
-  ids go to the lower index (faiss keeps the lower index at the cut, but may list ties in any
-  order). The field's reference implementation, multithreaded over queries.
 * `exact`: float32 (`Precision.HIGHEST`) scores on the mesh's devices. The gallery is sharded by
   rows over all devices; each device scores a chunk of queries against its rows tile by tile and
   keeps a running top-k, then the per-device candidates are merged. Memory is bounded by
   query_chunk x gallery_tile scores per device, whatever the gallery size.
-* `screen` (the default on GPU and TPU): the same tiles, scored once in bfloat16 (float32
-  accumulation); the `screen_candidates` best of each tile are rescored in float32 from the
-  float32 rows and only those compete for the top-k. Exact by construction: with q~, g~ the
-  bfloat16 roundings, |q.g - q~.g~| <= |q - q~| |g| + |q~| |g - g~| + the accumulation error
-  (Cauchy-Schwarz; `screen_error_bound`). A query is certified when its k-th rescored score
-  exceeds every screened-out item's bfloat16 score plus that bound; the queries that are not
-  certified are ranked again by `exact`. `stats` reports how many.
+* `screen`: the same tiles, scored in bfloat16 (float32 accumulation), keeping a running list
+  of each query's `screen_candidates` best by those scores; at the end only these candidates
+  are rescored in float32 (from the float32 rows) and compete for the top-k. Exact by
+  construction: with q~, g~ the bfloat16 roundings, |q.g - q~.g~| <= |q - q~| |g| +
+  |q~| |g - g~| + the accumulation error (Cauchy-Schwarz; `screen_error_bound`). A query is
+  certified when its k-th rescored score exceeds the largest bfloat16 score left out plus that
+  bound; the queries that are not certified are ranked again by `exact` (`stats` says how
+  many).
+* `faiss`: faiss's exact `IndexFlatIP` search (`faiss.knn`, BLAS in blocks, bounded memory) on
+  the host, with ties resolved to the lower index afterwards (`_faiss_top_k`). The field's
+  reference implementation.
 
 Within a tile, rows are grouped in blocks of `_BLOCK`; the n best of a tile lie in the n blocks
 with the largest maxima (every block ranked above an element's block holds an element at least as
@@ -35,89 +38,109 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 _BLOCK = 32  # Gallery rows per block of the block-maximum pruning (see the module docstring).
-METHODS = ("auto", "faiss", "exact", "screen")
+METHODS = ("exact", "faiss", "screen")
 
 _RANKERS = {}
 
 
-def resolve_method(method: str, mesh) -> str:
-    """`auto` -> `faiss` on CPU devices, `screen` on accelerators; others are checked and kept."""
+def check_method(method: str) -> str:
     if method not in METHODS:
         raise ValueError(f"Unknown ranking method {method!r}; choose one of {', '.join(METHODS)}.")
-    if method != "auto":
-        return method
-    return "faiss" if mesh.devices.flat[0].platform == "cpu" else "screen"
+    return method
 
 
-def _largest(s, valid, n: int):
-    """Per row of scores s [c, tile]: positions of the n largest in index order, and the largest
-    value left out (-inf when none is). Rows where `valid` is False never count."""
+def _candidates(s, valid, n: int, left_out: bool = False):
+    """Per row of scores s [c, tile]: positions [c, m] holding the row's n largest (the n blocks
+    with the largest maxima, in index order; the whole tile where it has no more than n blocks)
+    and their scores, invalid rows at -inf. With `left_out`, also the largest block maximum not
+    searched (-inf if none)."""
     c, tile = s.shape
     s = jnp.where(valid, s, -jnp.inf)
-    if tile <= n:
-        return jnp.broadcast_to(jnp.arange(tile, dtype=jnp.int32), s.shape), jnp.full(c, -jnp.inf)
     nb = tile // _BLOCK
-    left_blocks = jnp.full(c, -jnp.inf)
-    pos = jnp.broadcast_to(jnp.arange(tile, dtype=jnp.int32), s.shape)
-    if nb > n:  # Prune: search only the n blocks with the largest maxima.
-        block_max, blocks = jax.lax.top_k(s.reshape(c, nb, _BLOCK).max(-1), n + 1)
-        left_blocks = block_max[:, n]
-        blocks = jnp.sort(blocks[:, :n], axis=-1)
-        pos = (blocks[:, :, None] * _BLOCK + jnp.arange(_BLOCK, dtype=jnp.int32)).reshape(c, -1)
-    v, p = jax.lax.top_k(jnp.take_along_axis(s, pos, axis=1), n + 1)
-    pos = jnp.sort(jnp.take_along_axis(pos, p[:, :n], axis=1), axis=-1)
-    return pos, jnp.maximum(left_blocks, v[:, n])
+    if nb <= n:
+        pos = jnp.broadcast_to(jnp.arange(tile, dtype=jnp.int32), s.shape)
+        return pos, s, jnp.full(c, -jnp.inf)
+    block_max, blocks = jax.lax.top_k(s.reshape(c, nb, _BLOCK).max(-1), n + left_out)
+    blocks = jnp.sort(blocks[:, :n], axis=-1)  # Index order, for the tie rule.
+    pos = (blocks[:, :, None] * _BLOCK + jnp.arange(_BLOCK, dtype=jnp.int32)).reshape(c, -1)
+    left = block_max[:, n] if left_out else jnp.full(c, -jnp.inf)
+    return pos, jnp.take_along_axis(s, pos, axis=1), left
 
 
 def _ranker(mesh, chunk: int, dim: int, k: int, num_valid: int, rows: int, tile: int,
             screen: int):
-    """Jitted (init, step, merge). Device d owns gallery rows [d * rows, (d + 1) * rows), fed as
-    tiles of `tile` rows; `step(q, tile_rows, tile_rows_bf16, best_v, best_i, best_left, t)` folds
-    tile t into each device's running top-k [devices, chunk, k] and largest screened-out score
-    [devices, chunk] (`screen` > 0; else -inf); `merge` gives the replicated top-k [chunk, k] and
-    largest screened-out score [chunk]."""
+    """Jitted (init, step, finish). Device d owns gallery rows [d * rows, (d + 1) * rows) of
+    `gallery` (float32) and `gallery16` (its bfloat16 copy, `screen` only), scored in tiles of
+    `tile` rows: `step(q, gallery, gallery16, best_v, best_i, best_left, t)` folds tile t into each
+    device's running best [devices, chunk, n] (n = k; with `screen`, n = screen candidates by
+    their bfloat16 scores) and largest score left out [devices, chunk] (-inf without `screen`).
+    `finish(q, gallery, best_v, best_i, best_left)` rescores a screen's candidates in float32,
+    merges the devices and gives the replicated top-k [chunk, k] and largest screened-out score
+    [chunk]."""
     key = (mesh, chunk, dim, k, num_valid, rows, tile, screen)
     if key in _RANKERS:
         return _RANKERS[key]
     axes, n = mesh.axis_names, mesh.size
+    keep = screen or k
     dims = (((1,), (1,)), ((), ()))
     highest = jax.lax.Precision.HIGHEST
 
     def per_device(q, g, g16, best_v, best_i, best_left, t):
-        base = jax.lax.axis_index(axes) * rows + t * tile
+        start = t * tile
+        base = jax.lax.axis_index(axes) * rows + start
         valid = base + jnp.arange(tile, dtype=jnp.int32) < num_valid
         if screen:
-            s = jax.lax.dot_general(q.astype(jnp.bfloat16), g16, dims,
+            s = jax.lax.dot_general(q.astype(jnp.bfloat16),
+                                    jax.lax.dynamic_slice_in_dim(g16, start, tile), dims,
                                     preferred_element_type=jnp.float32)
-            pos, left = _largest(s, valid, screen)
-            cand = jnp.einsum("cd,cnd->cn", q, jnp.take(g, pos, axis=0), precision=highest)
         else:
-            s = jax.lax.dot_general(q, g, dims, precision=highest,
-                                    preferred_element_type=jnp.float32)
-            pos, left = _largest(s, valid, k)
-            cand = jnp.take_along_axis(s, pos, axis=1)
-        cand = jnp.where(base + pos < num_valid, cand, -jnp.inf)
-        v, p = jax.lax.top_k(cand, k)
+            s = jax.lax.dot_general(q, jax.lax.dynamic_slice_in_dim(g, start, tile), dims,
+                                    precision=highest, preferred_element_type=jnp.float32)
+        pos, cand, left = _candidates(s, valid, keep, left_out=bool(screen))
+        if screen:  # The best `keep` by screen score, and the largest one left out.
+            v, p = jax.lax.top_k(cand, min(keep + 1, cand.shape[1]))
+            if v.shape[1] > keep:
+                left = jnp.maximum(left, v[:, keep])
+        else:
+            v, p = jax.lax.top_k(cand, min(keep, cand.shape[1]))
+        v, p = v[:, :keep], p[:, :keep]
         v = jnp.concatenate([best_v[0], v], 1)  # Earlier tiles (lower indices) first.
         i = jnp.concatenate([best_i[0], base + jnp.take_along_axis(pos, p, axis=1)], 1)
-        v, p = jax.lax.top_k(v, k)
-        left = jnp.maximum(best_left[0], left) if screen else best_left[0]
+        v, p = jax.lax.top_k(v, keep + 1 if screen else keep)
+        if screen:  # What the running list drops is screened out too.
+            left = jnp.maximum(jnp.maximum(best_left[0], left), v[:, keep])
+            v, p = v[:, :keep], p[:, :keep]
+        else:
+            left = best_left[0]
         return v[None], jnp.take_along_axis(i, p, axis=1)[None], left[None]
 
-    def merge(v, i, left):
+    def rescore(q, g, best_v, best_i):
+        """A screen's candidates (this device's rows) in float32, best k, ties to lower ids."""
+        ids = jnp.sort(best_i[0], axis=-1)  # Index order, for the tie rule.
+        local = ids - jax.lax.axis_index(axes) * rows
+        exact = jnp.einsum("cd,cnd->cn", q, jnp.take(g, jnp.clip(local, 0, rows - 1), axis=0),
+                           precision=highest)
+        exact = jnp.where((ids >= 0) & (ids < num_valid), exact, -jnp.inf)
+        v, p = jax.lax.top_k(exact, k)
+        return v[None], jnp.take_along_axis(ids, p, axis=1)[None]
+
+    def finish(q, g, v, i, left):
+        if screen:
+            v, i = jax.shard_map(rescore, mesh=mesh, in_specs=(P(), P(axes), P(axes), P(axes)),
+                                 out_specs=(P(axes), P(axes)))(q, g, v, i)
         v, i = (x.transpose(1, 0, 2).reshape(chunk, n * k) for x in (v, i))  # Device order.
         v, p = jax.lax.top_k(v, k)
         return v, jnp.take_along_axis(i, p, axis=1), left.max(0)
 
     sharded, replicated = NamedSharding(mesh, P(axes)), NamedSharding(mesh, P())
-    init = jax.jit(lambda: (jnp.full((n, chunk, k), -jnp.inf, jnp.float32),
-                            jnp.full((n, chunk, k), -1, jnp.int32),
+    init = jax.jit(lambda: (jnp.full((n, chunk, keep), -jnp.inf, jnp.float32),
+                            jnp.full((n, chunk, keep), -1, jnp.int32),
                             jnp.full((n, chunk), -jnp.inf, jnp.float32)),
                    out_shardings=(sharded, sharded, sharded))
     step = jax.jit(jax.shard_map(per_device, mesh=mesh, out_specs=(P(axes),) * 3,
                                  in_specs=(P(), P(axes), P(axes), P(axes), P(axes), P(axes), P())),
                    donate_argnums=(3, 4, 5))
-    _RANKERS[key] = init, step, jax.jit(merge, out_shardings=(replicated,) * 3)
+    _RANKERS[key] = init, step, jax.jit(finish, out_shardings=(replicated,) * 3)
     return _RANKERS[key]
 
 
@@ -195,7 +218,7 @@ def _faiss_top_k(queries, gallery, k, stats, margin: int = 8, redo_chunk: int = 
     return scores.astype(np.float32), indices.astype(np.int32)
 
 
-def top_k(queries, gallery, k: int, mesh, *, method: str = "auto", query_chunk: int = 1024,
+def top_k(queries, gallery, k: int, mesh, *, method: str = "exact", query_chunk: int = 1024,
           gallery_tile: int = 32768, screen_candidates: int = 256,
           stats: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-k of queries @ gallery.T: (scores [Q, k'], gallery indices [Q, k']), best first.
@@ -210,7 +233,7 @@ def top_k(queries, gallery, k: int, mesh, *, method: str = "auto", query_chunk: 
     (num_q, dim), num_g = queries.shape, gallery.shape[0]
     if num_g == 0 or gallery.shape[1] != dim:
         raise ValueError(f"Cannot rank queries {queries.shape} against gallery {gallery.shape}.")
-    method = resolve_method(method, mesh)
+    method = check_method(method)
     stats = {} if stats is None else stats
     stats["method"] = method
     k = min(k, num_g)
@@ -225,22 +248,21 @@ def top_k(queries, gallery, k: int, mesh, *, method: str = "auto", query_chunk: 
     tile = -(-rows // num_tiles // _BLOCK) * _BLOCK
     rows = num_tiles * tile
     sharded = NamedSharding(mesh, P(mesh.axis_names))
-    tiles = [_put(gallery, sharded, (n * tile, dim),
-                  lambda r, t=t: r // tile * rows + t * tile + r % tile) for t in range(num_tiles)]
+    g = _put(gallery, sharded, (n * rows, dim))  # Device d: rows [d * rows, (d + 1) * rows).
     if screen:
-        tiles16 = [_to_bf16(g) for g in tiles]
-        g_norm, g16_norm, dg_norm = np.max([jax.device_get(_max_norms(g)) for g in tiles], axis=0)
+        g16 = _to_bf16(g)
+        g_norm, g16_norm, dg_norm = jax.device_get(_max_norms(g))
     else:
-        tiles16 = tiles  # Unused by the exact step.
+        g16 = g  # Unused by the exact step.
     chunk = query_chunk_size(num_q, query_chunk)
-    init, step, merge = _ranker(mesh, chunk, dim, k, num_g, rows, tile, screen)
+    init, step, finish = _ranker(mesh, chunk, dim, k, num_g, rows, tile, screen)
     outputs = []
     for s in range(0, num_q, chunk):
         q = _put(queries[s:s + chunk], NamedSharding(mesh, P()), (chunk, dim))
         best = init()
-        for t, (g, g16) in enumerate(zip(tiles, tiles16)):
+        for t in range(num_tiles):
             best = step(q, g, g16, *best, np.int32(t))
-        outputs.append(merge(*best))
+        outputs.append(finish(q, g, *best))
     scores, indices, left = (np.concatenate([np.asarray(o[j].addressable_data(0))
                                              for o in outputs])[:num_q] for j in (0, 1, 2))
     if screen:

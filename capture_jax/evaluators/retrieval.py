@@ -49,7 +49,7 @@ class Evaluator:
         self.feature_kinds, self.baselines = tuple(feature_kinds), tuple(baselines)
         self.headline, self.top_k, self.report_queries = headline, top_k, report_queries
         self.query_chunk, self.gallery_tile = query_chunk, gallery_tile
-        self.ranker = ranker_lib.resolve_method(ranker, experiment.mesh)
+        self.ranker = ranker_lib.check_method(ranker)
         self.screen_candidates = screen_candidates
 
     def _embed(self, model_state, split: str) -> embedding.Embedded:
