@@ -30,6 +30,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import jax  # noqa: E402
@@ -40,6 +41,7 @@ from flax import nnx  # noqa: E402
 from capture_jax import cli, optim, sharding, train_state  # noqa: E402  (no TensorFlow: see device_check.py)
 from capture_jax.models import cost  # noqa: E402
 from configs import capture as capture_configs  # noqa: E402
+from fake_inputs import random_batch  # noqa: E402  (bench/)
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("variants", ["demo"], "Variants of configs/capture.py.")
@@ -53,31 +55,6 @@ flags.DEFINE_list("mlm_max_predictions", ["0"], "MLM logits at every position (0
                   "selected positions.")
 flags.DEFINE_enum("attention_impl", "auto", ["auto", "xla", "cudnn"], "Attention implementation.")
 flags.DEFINE_bool("pipeline", False, "Also time the input pipeline.")
-
-
-def random_batch(model_config, batch_size: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """A batch of the variant's shapes with plausible values (15% MLM/MRM selections)."""
-    rng = np.random.default_rng(seed)
-    batch = {}
-    for key, spec in cost.abstract_batch(model_config, batch_size).items():
-        if key == "text_ids":
-            batch[key] = rng.integers(5, model_config.vocab_size, spec.shape).astype(np.int32)
-        elif key in ("mrm_mask", "mrm_zero"):
-            batch[key] = (rng.uniform(size=spec.shape) < 0.15).astype(spec.dtype)
-        elif key.endswith("mask"):
-            batch[key] = np.ones(spec.shape, spec.dtype)
-        else:
-            batch[key] = rng.normal(size=spec.shape).astype(spec.dtype)
-    # Titles of 8 to T tokens, padded with id 0 like real ones (repeated ids matter on GPUs:
-    # models/layers.py lookup).
-    ids = batch["text_ids"]
-    real = np.arange(ids.shape[1])[None] < rng.integers(8, ids.shape[1] + 1, (ids.shape[0], 1))
-    batch["text_ids"] = np.where(real, ids, 0).astype(ids.dtype)
-    batch["text_mask"] = real.astype(batch["text_mask"].dtype)
-    labels = rng.integers(5, model_config.vocab_size, ids.shape)
-    selected = real & (rng.uniform(size=labels.shape) < 0.15)
-    batch["mlm_labels"] = np.where(selected, labels, -1).astype(np.int32)
-    return batch
 
 
 def measure_step(variant: str, batch_size: int, steps: int, dtype: str | None, remat: str,
