@@ -6,10 +6,10 @@ rounds interleaved (method order rotated each round; median and range reported):
 
 * `numpy`: per query chunk `q @ g.T`, `np.argpartition(-scores, k)`, sort those k;
 * `faiss`: `faiss.knn` (exact `IndexFlatIP` search), the number to beat;
-* `ranker`: `capture_jax.evaluators.ranker.top_k` with the evaluator's default method
-  (`exact`: float32 on the JAX devices), ties to the lower id, compiled before the first round;
-* `ranker_faiss`, `ranker_screen`: the ranker's other methods (faiss with its tie handling; the
-  bfloat16 screen with float32 rescore).
+* `ranker`: `capture_jax.evaluators.ranker.top_k` with the evaluator's default method (`auto`:
+  faiss on CPUs, with the ranker's handling of ties at the cut), ties to the lower id;
+* `ranker_exact`, `ranker_faiss`, `ranker_screen`: the ranker's methods by name (float32 on the
+  JAX devices; faiss; the bfloat16 screen with float32 rescore), compiled before the first round.
 
 `--methods` picks among them (default: numpy, faiss, ranker). One JSON line per size: seconds
 per method, speed-ups against faiss, each method's index agreement with the first method,
@@ -17,7 +17,8 @@ peak resident memory. Each size runs in a fresh subprocess. The numpy chunk is c
 temporaries stay under --numpy_chunk_gb.
 
   python bench/retrieval.py [--sizes 10000,100000,1000000] [--queries 6547] [--dim 1024]
-      [--repeats 3] [--methods numpy,faiss,ranker,ranker_faiss,ranker_screen] [--devices 1]
+      [--repeats 3] [--methods numpy,faiss,ranker,ranker_exact,ranker_faiss,ranker_screen]
+      [--devices 1]
 """
 
 import json
@@ -90,19 +91,21 @@ def run_one(args) -> dict:
     available = {
         "numpy": lambda: numpy_top_k(queries, gallery, k, np_chunk),
         "faiss": lambda: faiss.knn(queries, gallery, k, metric=faiss.METRIC_INNER_PRODUCT)[1],
-        "ranker": lambda: ranker.top_k(queries, gallery, k, mesh, **kw)[1],
+        "ranker": lambda: ranker.top_k(queries, gallery, k, mesh, method=ec.ranker, **kw)[1],
+        "ranker_exact": lambda: ranker.top_k(queries, gallery, k, mesh, method="exact", **kw)[1],
         "ranker_faiss": lambda: ranker.top_k(queries, gallery, k, mesh, method="faiss", **kw)[1],
         "ranker_screen": lambda: ranker.top_k(queries, gallery, k, mesh, method="screen",
                                               stats=stats, **kw)[1],
     }
+    default = ranker.resolve_method(ec.ranker, mesh)
     unknown = set(args.methods) - set(available)
     if unknown:
         raise SystemExit(f"Unknown --methods {sorted(unknown)}; choose among {list(available)}.")
     methods = {m: available[m] for m in args.methods}
-    for m in ("ranker", "ranker_screen"):  # Compile for the chunk shape before timing.
-        if m in methods:
-            ranker.top_k(queries[:chunk], gallery, k, mesh,
-                         method="screen" if m == "ranker_screen" else "exact", **kw)
+    for m, method in (("ranker", default), ("ranker_exact", "exact"),
+                      ("ranker_screen", "screen")):  # Compile for the chunk shape before timing.
+        if m in methods and method != "faiss":
+            ranker.top_k(queries[:chunk], gallery, k, mesh, method=method, **kw)
     names, times, results = list(methods), {m: [] for m in methods}, {}
     for r in range(args.repeats):
         for name in names[r % len(names):] + names[:r % len(names)]:
@@ -111,7 +114,7 @@ def run_one(args) -> dict:
             times[name].append(time.perf_counter() - start)
     median = {m: statistics.median(t) for m, t in times.items()}
     out = dict(benchmark="retrieval_top_k", gallery=size, queries=args.queries, dim=args.dim,
-               k=k, repeats=args.repeats, **{f"screen_{k}": v for k, v in stats.items()
+               k=k, repeats=args.repeats, ranker_method=default, **{f"screen_{k}": v for k, v in stats.items()
                                               if k != "method"})
     for m in names:
         out[f"{m}_s"] = round(median[m], 3)

@@ -163,9 +163,10 @@ def _paper() -> dict[str, Any]:
                 top_k=100,  # Gallery ids written per query (the official scores use up to 100).
                 query_chunk=1024,  # Queries ranked at once; memory = query_chunk x gallery_tile.
                 gallery_tile=32768,  # Gallery rows per device scored at once.
-                # Exact top-k method (evaluators/ranker.py): exact (float32 on the devices), faiss
-                # (on the host), screen (bfloat16 screen + float32 rescore on the devices).
-                ranker="exact",
+                # Exact top-k method (evaluators/ranker.py): auto (faiss on CPUs, exact on GPUs and
+                # TPUs), exact (float32 on the devices), faiss (on the host), screen (bfloat16
+                # screen + float32 rescore on the devices).
+                ranker="auto",
                 screen_candidates=256,  # Per query, rescored in float32 (screen).
                 report_queries=20,  # Queries shown in each report.html (evenly spaced sample).
             ),

@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -134,8 +135,24 @@ def test_screen_certifies_separated_queries_and_its_bound_holds():
 
 
 def test_unknown_ranking_method_is_one_clear_error():
-    with pytest.raises(ValueError, match="Unknown ranking method 'fast'; choose one of exact, faiss, screen"):
+    with pytest.raises(ValueError, match="Unknown ranking method 'fast'; choose one of auto, "
+                       "exact, faiss, screen"):
         ranker.top_k(np.ones((2, 4)), np.ones((5, 4)), 3, make_mesh("1dev"), method="fast")
+
+
+def test_auto_ranks_with_faiss_on_cpus_and_exact_without_it(monkeypatch):
+    """`auto` is faiss on a CPU mesh (faiss-cpu is a requirement), `exact` where faiss cannot be
+    imported; an explicit method is kept, and the result is the same exact top-k."""
+    rng = np.random.default_rng(4)
+    gallery, queries = rng.standard_normal((300, 16)), rng.standard_normal((7, 16))
+    mesh = make_mesh("8dev_2x2x2")
+    stats = {}
+    _, indices = ranker.top_k(queries, gallery, 20, mesh, stats=stats)
+    assert stats["method"] == "faiss"
+    np.testing.assert_array_equal(indices, reference_top_k(queries, gallery, 20)[1])
+    assert ranker.resolve_method("exact", mesh) == "exact"
+    monkeypatch.setitem(sys.modules, "faiss", None)  # import faiss now raises ImportError.
+    assert ranker.resolve_method("auto", mesh) == "exact"
 
 
 # ------------------------------------------------------------------------- end to end

@@ -1,10 +1,13 @@
-"""Exact top-k ranking of queries against a gallery, by one of three methods.
+"""Exact top-k ranking of queries against a gallery, by one of three methods or `auto`.
 
 `top_k(queries, gallery, k, mesh, method=...)` returns the float32 dot-product top-k, ties to the
 lower gallery index (as a stable numpy argsort of -scores), whatever the method. Which is fastest
 depends on the machine; docs/performance.md has the measurements (bench/retrieval.py on CPUs,
-bench/device_check.py on accelerators), and `exact`, the default, was the fastest wherever
-measured so far:
+bench/device_check.py on accelerators). `auto`, the evaluator's default (`resolve_method`;
+`stats["method"]` says which ran), takes `exact` on GPUs and TPUs and `faiss` on CPUs (`exact`
+if faiss-cpu, a requirement, is missing): on CPUs the faster of the two depends on the BLAS
+faiss brings (1.5x `exact` on one machine, a third of it on another), and faiss's own search is
+the number users compare with. `exact` stays one setting away where it wins:
 
 * `exact`: float32 (`Precision.HIGHEST`) scores on the mesh's devices. The gallery is sharded by
   rows over all devices; each device scores a chunk of queries against its rows tile by tile and
@@ -38,7 +41,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 _BLOCK = 32  # Gallery rows per block of the block-maximum pruning (see the module docstring).
-METHODS = ("exact", "faiss", "screen")
+METHODS = ("auto", "exact", "faiss", "screen")
 
 _RANKERS = {}
 
@@ -47,6 +50,19 @@ def check_method(method: str) -> str:
     if method not in METHODS:
         raise ValueError(f"Unknown ranking method {method!r}; choose one of {', '.join(METHODS)}.")
     return method
+
+
+def resolve_method(method: str, mesh) -> str:
+    """The method `top_k` runs for `method` on `mesh` (`auto` made concrete, see the module)."""
+    if check_method(method) != "auto":
+        return method
+    if any(d.platform != "cpu" for d in mesh.devices.flat):
+        return "exact"
+    try:
+        import faiss  # noqa: F401
+    except ImportError:
+        return "exact"
+    return "faiss"
 
 
 def _candidates(s, valid, n: int, left_out: bool = False):
@@ -218,7 +234,7 @@ def _faiss_top_k(queries, gallery, k, stats, margin: int = 8, redo_chunk: int = 
     return scores.astype(np.float32), indices.astype(np.int32)
 
 
-def top_k(queries, gallery, k: int, mesh, *, method: str = "exact", query_chunk: int = 1024,
+def top_k(queries, gallery, k: int, mesh, *, method: str = "auto", query_chunk: int = 1024,
           gallery_tile: int = 32768, screen_candidates: int = 256,
           stats: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-k of queries @ gallery.T: (scores [Q, k'], gallery indices [Q, k']), best first.
@@ -233,7 +249,7 @@ def top_k(queries, gallery, k: int, mesh, *, method: str = "exact", query_chunk:
     (num_q, dim), num_g = queries.shape, gallery.shape[0]
     if num_g == 0 or gallery.shape[1] != dim:
         raise ValueError(f"Cannot rank queries {queries.shape} against gallery {gallery.shape}.")
-    method = check_method(method)
+    method = resolve_method(method, mesh)
     stats = {} if stats is None else stats
     stats["method"] = method
     k = min(k, num_g)

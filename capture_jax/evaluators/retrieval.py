@@ -49,7 +49,9 @@ class Evaluator:
         self.feature_kinds, self.baselines = tuple(feature_kinds), tuple(baselines)
         self.headline, self.top_k, self.report_queries = headline, top_k, report_queries
         self.query_chunk, self.gallery_tile = query_chunk, gallery_tile
-        self.ranker = ranker_lib.check_method(ranker)
+        self.ranker = ranker_lib.resolve_method(ranker, experiment.mesh)
+        logging.info("retrieval: ranking with the %r method (config ranker=%r).", self.ranker,
+                     ranker)
         self.screen_candidates = screen_candidates
 
     def _embed(self, model_state, split: str) -> embedding.Embedded:
@@ -68,9 +70,10 @@ class Evaluator:
                 method=self.ranker, query_chunk=self.query_chunk, gallery_tile=self.gallery_tile,
                 screen_candidates=self.screen_candidates, stats=stats)
             if stats.get("ranked_again"):
-                logging.info("Ranking %s: %d of %d queries were not certified by the bfloat16 "
-                             "screen and were ranked again in float32.", kind,
-                             stats["ranked_again"], len(indices))
+                why = ("were not certified by the bfloat16 screen" if self.ranker == "screen"
+                       else "had ties running past faiss's margin")
+                logging.info("Ranking %s: %d of %d queries %s and were ranked again in float32.",
+                             kind, stats["ranked_again"], len(indices), why)
         return indices
 
     def evaluate(self, model_state, step: int) -> list[tuple[str, float]]:
