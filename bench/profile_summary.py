@@ -12,7 +12,9 @@ returns one dict (a JSON line of `bench/device_check.py`):
   numeric suffix removed (`fusion.123` -> `fusion`), as [name, ms per step, count per step].
 
 Device ops are the events of processes named `/device:...` (GPU, TPU). A CPU trace has none; then
-the XLA ops of the host threads (events not from Python, whose names start with `$`) stand in.
+the XLA ops of the host threads stand in (events named like HLO instructions, `fusion.12`, not
+Python's `$...` nor the runtime's `ThunkExecutor::Execute`); they run on several threads, so
+their times per step can add up to more than the window.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ import gzip
 import json
 import os
 import re
+
+_HLO_NAME = re.compile(r"[a-z][a-z0-9_-]*(\.\d+)?")
 
 
 def _events(trace_dir: str) -> tuple[list[dict], dict[int, str]]:
@@ -44,8 +48,8 @@ def summarize(trace_dir: str, steps: int, top: int = 15) -> dict:
     if devices:
         ops = [e for e in events if e["pid"] in devices]
         where = sorted({process_names[p] for p in devices})
-    else:
-        ops = [e for e in events if not e["name"].startswith("$")]
+    else:  # XLA's op names (fusion.12, dot.3, copy), not the runtime's (ThunkExecutor::Execute)
+        ops = [e for e in events if _HLO_NAME.fullmatch(e["name"])]
         where = ["host (no device process in the trace)"]
     if not ops:
         raise ValueError(f"The trace under {trace_dir} has no device or XLA ops.")

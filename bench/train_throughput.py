@@ -2,7 +2,7 @@
 
     python bench/train_throughput.py [--variants demo,paper] [--batch_sizes 8,32] [--steps 5]
         [--dtype float32,bfloat16] [--remat none,all] [--mlm_max_predictions 0,8]
-        [--attention_impl auto|xla|cudnn] [--pipeline]
+        [--attention_impl auto|xla|cudnn] [--pipeline] [--profile_dir DIR]
 
 Every combination of the comma-separated settings is measured (defaults: the variant's dtype,
 no remat, MLM logits at every position, attention 'auto'). `--remat all` rematerialises every
@@ -18,7 +18,9 @@ warm-up steps. FLOPs per example: for `paper` the spec's 41.7 G (less XLA's coun
 `mlm_max_predictions` saves), otherwise 3 x XLA's forward count (with the MLM logits the model
 computes); MFU divides the achieved FLOP/s by the device's peak bf16 FLOP/s (none on CPU: MFU is
 null there, achieved FLOP/s is printed instead). `--pipeline` also measures the tf.data input
-pipeline of the `demo` config (examples/s, on the synthetic data). One JSON line per measurement.
+pipeline of the `demo` config (examples/s, on the synthetic data). `--profile_dir` traces three
+more steps of the first setting and adds a `profile` line (bench/profile_summary.py: on a CPU, the
+XLA ops of the host threads). One JSON line per measurement.
 """
 
 import itertools
@@ -42,6 +44,7 @@ from capture_jax import cli, optim, sharding, train_state  # noqa: E402  (no Ten
 from capture_jax.models import cost  # noqa: E402
 from configs import capture as capture_configs  # noqa: E402
 from fake_inputs import random_batch  # noqa: E402  (bench/)
+import profile_summary  # noqa: E402  (bench/)
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("variants", ["demo"], "Variants of configs/capture.py.")
@@ -55,6 +58,8 @@ flags.DEFINE_list("mlm_max_predictions", ["0"], "MLM logits at every position (0
                   "selected positions.")
 flags.DEFINE_enum("attention_impl", "auto", ["auto", "xla", "cudnn"], "Attention implementation.")
 flags.DEFINE_bool("pipeline", False, "Also time the input pipeline.")
+flags.DEFINE_string("profile_dir", None, "Trace 3 more steps of the first setting there and print "
+                    "where the time went (bench/profile_summary.py).")
 
 
 def measure_step(variant: str, batch_size: int, steps: int, dtype: str | None, remat: str,
@@ -158,9 +163,12 @@ def main(argv: list[str]) -> None:
                         cli.USAGE_STATUS)
     settings = itertools.product(FLAGS.variants, batch_sizes, FLAGS.dtype or [None], FLAGS.remat,
                                  mlm_ks)
-    for variant, batch_size, dtype, remat, mlm_k in settings:
+    for i, (variant, batch_size, dtype, remat, mlm_k) in enumerate(settings):
+        profile_dir = FLAGS.profile_dir if i == 0 else None
         print(json.dumps(measure_step(variant, batch_size, FLAGS.steps, dtype, remat, mlm_k,
-                                      FLAGS.attention_impl)), flush=True)
+                                      FLAGS.attention_impl, profile_dir)), flush=True)
+        if profile_dir:
+            print(json.dumps(profile_summary.summarize(profile_dir, 3)), flush=True)
     if FLAGS.pipeline:
         print(json.dumps(measure_pipeline(batches=40)), flush=True)
 
