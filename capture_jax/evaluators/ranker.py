@@ -206,10 +206,10 @@ def _faiss_top_k(queries, gallery, k, stats, margin: int = 8, redo_chunk: int = 
     """faiss's exact inner-product search, with ties at the cut resolved to the lower index.
 
     faiss keeps an arbitrary member of a tie group at the k-th place, so it is asked for k +
-    `margin`; re-sorted by (score, index), the first k are exact wherever the k-th score beats
-    the last returned one (nothing left out can tie it). The rare rows where it does not (a tie
-    group longer than the margin: duplicated gallery items) are ranked again with numpy scores,
-    `redo_chunk` rows at a time.
+    `margin`; sorted by (score, index) (only rows with ties need it), the first k are exact
+    wherever the k-th score beats the last returned one (nothing left out can tie it). The rare
+    rows where it does not (a tie group longer than the margin: duplicated gallery items) are
+    ranked again with numpy scores, `redo_chunk` rows at a time.
     """
     try:
         import faiss
@@ -218,8 +218,15 @@ def _faiss_top_k(queries, gallery, k, stats, margin: int = 8, redo_chunk: int = 
                           "requirements.txt (or set config.evals.<name>.ranker='exact').") from e
     wide = min(k + margin, len(gallery))
     scores, indices = faiss.knn(queries, gallery, wide, metric=faiss.METRIC_INNER_PRODUCT)
-    order = np.lexsort((indices, -scores), axis=-1)
-    scores, indices = (np.take_along_axis(x, order, 1) for x in (scores, indices))
+    # faiss returns rows best first; only rows with a tie out of index order need re-sorting.
+    ahead, behind = (scores[:, 1:], indices[:, 1:]), (scores[:, :-1], indices[:, :-1])
+    unsorted = np.flatnonzero((((ahead[0] == behind[0]) & (ahead[1] < behind[1]))
+                               | (ahead[0] > behind[0])).any(1))
+    if len(unsorted):
+        part_s, part_i = scores[unsorted], indices[unsorted]
+        order = np.lexsort((part_i, -part_s), axis=-1)
+        scores[unsorted] = np.take_along_axis(part_s, order, 1)
+        indices[unsorted] = np.take_along_axis(part_i, order, 1)
     redo = np.flatnonzero(scores[:, k - 1] <= scores[:, -1]) if wide < len(gallery) else []
     scores, indices = scores[:, :k], indices[:, :k]
     stats["ranked_again"] = len(redo)
