@@ -63,8 +63,8 @@ flags.DEFINE_bool("ranker_first", False, "Measure the ranker before the train st
 flags.DEFINE_list("ranker_methods", ["screen", "exact"], "Ranking methods measured per size "
                   "(exact is skipped above 2M rows: it is the screen's fallback, and slow).")
 flags.DEFINE_integer("profile_steps", 3, "Steps traced after the first train setting (0: none).")
-flags.DEFINE_string("profile_dir", None, "Where the trace goes (default: $OUT/profile if $OUT "
-                    "is set, else a temporary directory).")
+# --profile_dir is train_throughput's flag (imported above); here its default is $OUT/profile
+# when $OUT is set, else a temporary directory.
 
 # (variant, global batch, remat, attention_impl), most important first: the budget may cut the tail.
 PAPER_SETTINGS = [

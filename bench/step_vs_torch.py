@@ -12,14 +12,13 @@ the reference model. One process, both frameworks, this machine's CPUs:
   selections, both run without dropout (`train=False` / `eval()`). It prints each loss of both,
   the largest output differences and the worst per-tensor gradient difference (by reference name).
 * `step_vs_torch` (one JSON line per batch size; `--batch_sizes=` skips them): both start from the
-  same weights and run the same random batch (titles padded to 8-36 tokens, 15% MLM/MRM
-  selections) in training
-  mode with `paper`'s dropout (0.1 hidden, 0.1 on attention probabilities). Ours is the real
-  jitted `train_state.make_train_step` (forward, three losses, backward, clipping, AdamW, grad and
-  param norms), compiled ahead; PyTorch's is `torch_reference.train_step` (the same work with
-  `torch.optim.AdamW` and `clip_grad_norm_`). After two warm-up steps each, `--repeats` rounds of
-  one step of each, alternating which goes first; medians count, `ratio` = our examples/s over
-  PyTorch's. The optimiser alone is timed the same way: ours a jitted
+  same weights and run the same random batch (titles padded to 8-36 tokens, 15% MLM/MRM selections)
+  in training mode with `paper`'s dropout (0.1 hidden, 0.1 on attention probabilities). Ours is the
+  real jitted `train_state.make_train_step` (forward, three losses, backward, clipping, AdamW, grad
+  and param norms), compiled ahead; PyTorch's is `torch_reference.train_step` (the same work with
+  `torch.optim.AdamW` at our schedule's learning rate, and `clip_grad_norm_`). After two warm-up
+  steps each, `--repeats` rounds of one step of each, alternating which goes first; medians count,
+  `ratio` = our examples/s over PyTorch's. The optimiser alone is timed the same way: ours a jitted
   `optim.create_optimizer(config)` update of donated parameters and state with fixed gradients,
   plus both norms; PyTorch's clip + AdamW step + norms on the gradients of its last step.
 
@@ -184,6 +183,7 @@ def main(argv: list[str]) -> None:
     config.model.dtype = "float32"
     mesh, rules = sharding.make_mesh({"data": -1}), sharding.rules("dp")
     tx = optim.create_optimizer(config)
+    schedule, torch_steps = optim.learning_rate_schedule(config), [0]
     torch_model = torch_reference.CaptureReference(
         torch_reference.ReferenceConfig.from_model_config(config.model))
     adamw = {"default": {}, "foreach": dict(foreach=True), "fused": dict(fused=True)}
@@ -240,8 +240,12 @@ def main(argv: list[str]) -> None:
                 jax.block_until_ready(metrics)
                 step[0] += 1
 
-            def torch_step():
+            def torch_step():  # The learning rate of our schedule at PyTorch's step count.
+                lr = float(schedule(torch_steps[0]))
+                for group in torch_opt.param_groups:
+                    group["lr"] = lr
                 t_metrics.update(torch_reference.train_step(torch_model, torch_opt, torch_batch))
+                torch_steps[0] += 1
 
             for fn in (our_step, torch_step, our_opt_step, torch_opt_step) * 2:  # warm-up
                 fn()

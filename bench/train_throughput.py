@@ -58,8 +58,9 @@ flags.DEFINE_list("mlm_max_predictions", ["0"], "MLM logits at every position (0
                   "selected positions.")
 flags.DEFINE_enum("attention_impl", "auto", ["auto", "xla", "cudnn"], "Attention implementation.")
 flags.DEFINE_bool("pipeline", False, "Also time the input pipeline.")
-flags.DEFINE_string("profile_dir", None, "Trace 3 more steps of the first setting there and print "
-                    "where the time went (bench/profile_summary.py).")
+flags.DEFINE_string("profile_dir", None, "Where a profile trace of more steps of the first setting "
+                    "goes; a line says where the time went (bench/profile_summary.py). "
+                    "bench/device_check.py traces by default ($OUT/profile or a temporary dir).")
 
 
 def measure_step(variant: str, batch_size: int, steps: int, dtype: str | None, remat: str,
