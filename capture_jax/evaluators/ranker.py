@@ -219,9 +219,8 @@ def _faiss_top_k(queries, gallery, k, stats, margin: int = 8, redo_chunk: int = 
     wide = min(k + margin, len(gallery))
     scores, indices = faiss.knn(queries, gallery, wide, metric=faiss.METRIC_INNER_PRODUCT)
     # faiss returns rows best first; only rows with a tie out of index order need re-sorting.
-    ahead, behind = (scores[:, 1:], indices[:, 1:]), (scores[:, :-1], indices[:, :-1])
-    unsorted = np.flatnonzero((((ahead[0] == behind[0]) & (ahead[1] < behind[1]))
-                               | (ahead[0] > behind[0])).any(1))
+    tie_misordered = (scores[:, 1:] == scores[:, :-1]) & (indices[:, 1:] < indices[:, :-1])
+    unsorted = np.flatnonzero((tie_misordered | (scores[:, 1:] > scores[:, :-1])).any(1))
     if len(unsorted):
         part_s, part_i = scores[unsorted], indices[unsorted]
         order = np.lexsort((part_i, -part_s), axis=-1)
