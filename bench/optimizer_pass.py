@@ -15,18 +15,18 @@ import json
 import os
 import statistics
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
-import optax  # noqa: E402
 from absl import flags  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from capture_jax import cli, optim, sharding  # noqa: E402
 from capture_jax.models import capture  # noqa: E402
+from common import interleaved, update_with_norms  # noqa: E402  (bench/)
 from configs import capture as capture_configs  # noqa: E402
 
 FLAGS = flags.FLAGS
@@ -48,14 +48,14 @@ def main(argv: list[str]) -> None:
     txs = {"fused": optim.create_optimizer(config),
            "optax_chain": optim.optax_chain(config, optim.learning_rate_schedule(config))}
     steps, states, writes = {}, {}, {}
-    for name, tx in txs.items():
-        def update(params, opt_state, grads, tx=tx):
-            updates, opt_state = tx.update(grads, opt_state, params)
-            params = optax.apply_updates(params, updates)
-            return params, opt_state, optax.global_norm(grads), optax.global_norm(params)
 
+    def run(name):  # One update of `name`'s donated state.
+        states[name][0], states[name][1], *norms = steps[name](*states[name], grads)
+        jax.block_until_ready(norms)
+
+    for name, tx in txs.items():
         params = draw()
-        compiled = jax.jit(update, donate_argnums=(0, 1)).lower(
+        compiled = jax.jit(update_with_norms(tx), donate_argnums=(0, 1)).lower(
             params, tx.init(params), grads).compile()
         entry = compiled.as_text().split("ENTRY", 1)[1].splitlines()
         matrices = [f"f32[{','.join(map(str, p.shape))}]" for p in jax.tree.leaves(params)
@@ -64,15 +64,8 @@ def main(argv: list[str]) -> None:
                                  in line for line in entry) / len(matrices), 2)
         steps[name], states[name] = compiled, [params, tx.init(params)]
         for _ in range(2):  # Warm-up.
-            states[name][0], states[name][1], *norms = compiled(*states[name], grads)
-            jax.block_until_ready(norms)
-    times = {name: [] for name in txs}
-    for r in range(FLAGS.repeats):
-        for name in (list(txs) if r % 2 == 0 else list(txs)[::-1]):
-            start = time.perf_counter()
-            states[name][0], states[name][1], *norms = steps[name](*states[name], grads)
-            jax.block_until_ready(norms)
-            times[name].append(time.perf_counter() - start)
+            run(name)
+    times = interleaved(FLAGS.repeats, {name: lambda name=name: run(name) for name in txs})
     line = {"bench": "optimizer_pass", "variant": FLAGS.variant,
             "parameters": int(sum(np.prod(p.shape) for p in jax.tree.leaves(shapes))),
             "repeats": FLAGS.repeats, "cpus": os.cpu_count(),

@@ -114,8 +114,8 @@ def run_one(args) -> dict:
             times[name].append(time.perf_counter() - start)
     median = {m: statistics.median(t) for m, t in times.items()}
     out = dict(benchmark="retrieval_top_k", gallery=size, queries=args.queries, dim=args.dim,
-               k=k, repeats=args.repeats, ranker_method=default, **{f"screen_{k}": v for k, v in stats.items()
-                                              if k != "method"})
+               k=k, repeats=args.repeats, ranker_method=default,
+               **{f"screen_{key}": v for key, v in stats.items() if key != "method"})
     for m in names:
         out[f"{m}_s"] = round(median[m], 3)
         out[f"{m}_s_range"] = [round(min(times[m]), 3), round(max(times[m]), 3)]

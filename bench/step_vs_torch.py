@@ -50,7 +50,7 @@ from absl import flags, logging  # noqa: E402
 from flax import nnx  # noqa: E402
 
 import torch_reference  # noqa: E402  (bench/)
-from fake_inputs import random_batch  # noqa: E402  (bench/)
+from common import interleaved, random_batch, update_with_norms  # noqa: E402  (bench/)
 from capture_jax import cli, convert, losses, optim, sharding, train_state  # noqa: E402
 from configs import capture as capture_configs  # noqa: E402
 
@@ -159,17 +159,6 @@ def check(config, state, torch_model) -> dict:
     return result
 
 
-def interleaved(repeats: int, ours, theirs) -> tuple[list[float], list[float]]:
-    """Seconds of `repeats` calls of each, alternating which goes first."""
-    times: dict = {ours: [], theirs: []}
-    for r in range(repeats):
-        for fn in (ours, theirs) if r % 2 == 0 else (theirs, ours):
-            start = time.perf_counter()
-            fn()
-            times[fn].append(time.perf_counter() - start)
-    return times[ours], times[theirs]
-
-
 def main(argv: list[str]) -> None:
     cli.no_arguments(argv)
     logging.set_verbosity(logging.WARNING)
@@ -200,17 +189,13 @@ def main(argv: list[str]) -> None:
             print(json.dumps(check(config, state, torch_model)), flush=True)
         if not batch_sizes:
             return
-        # The optimiser alone: our optax chain on a copy of the parameters, fixed gradients.
+        # The optimiser alone: ours (optim.create_optimizer) on a copy of the parameters, fixed
+        # gradients.
         params = jax.tree.map(jnp.copy, nnx.to_pure_dict(nnx.state(
             nnx.merge(state.model_def, state.model), nnx.Param)))
         grads = jax.tree.map(lambda p: jnp.full_like(p, 1e-3), params)
 
-        def opt_update(params, opt_state, grads):
-            updates, opt_state = tx.update(grads, opt_state, params)
-            params = optax.apply_updates(params, updates)
-            return params, opt_state, optax.global_norm(grads), optax.global_norm(params)
-
-        opt_fn = jax.jit(opt_update, donate_argnums=(0, 1))
+        opt_fn = jax.jit(update_with_norms(tx), donate_argnums=(0, 1))
         ours_opt = [params, tx.init(params)]
 
         def our_opt_step():
@@ -249,8 +234,10 @@ def main(argv: list[str]) -> None:
 
             for fn in (our_step, torch_step, our_opt_step, torch_opt_step) * 2:  # warm-up
                 fn()
-            ours_s, torch_s = interleaved(FLAGS.repeats, our_step, torch_step)
-            ours_opt_s, torch_opt_s = interleaved(FLAGS.repeats, our_opt_step, torch_opt_step)
+            ours_s, torch_s = interleaved(
+                FLAGS.repeats, {"ours": our_step, "torch": torch_step}).values()
+            ours_opt_s, torch_opt_s = interleaved(
+                FLAGS.repeats, {"ours": our_opt_step, "torch": torch_opt_step}).values()
             ours_med, torch_med = statistics.median(ours_s), statistics.median(torch_s)
             print(json.dumps({
                 "bench": "step_vs_torch", "batch": b,

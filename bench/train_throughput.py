@@ -43,7 +43,7 @@ from flax import nnx  # noqa: E402
 from capture_jax import cli, optim, sharding, train_state  # noqa: E402  (no TensorFlow: see device_check.py)
 from capture_jax.models import cost  # noqa: E402
 from configs import capture as capture_configs  # noqa: E402
-from fake_inputs import random_batch  # noqa: E402  (bench/)
+from common import random_batch  # noqa: E402  (bench/)
 import profile_summary  # noqa: E402  (bench/)
 
 FLAGS = flags.FLAGS
@@ -63,9 +63,12 @@ flags.DEFINE_string("profile_dir", None, "Where a profile trace of more steps of
                     "bench/device_check.py traces by default ($OUT/profile or a temporary dir).")
 
 
+PROFILE_STEPS = 3  # Steps traced with --profile_dir.
+
+
 def measure_step(variant: str, batch_size: int, steps: int, dtype: str | None, remat: str,
                  mlm_max_predictions: int, attention_impl: str, profile_dir: str | None = None,
-                 profile_steps: int = 3) -> dict:
+                 profile_steps: int = PROFILE_STEPS) -> dict:
     """One setting's line (see the module docstring). `pipelined_step_s` times the same number
     of steps dispatched back to back with one wait at the end: against `step_s` (a wait after
     every step) it shows how much of a step is the host's. With `profile_dir`, `profile_steps`
@@ -169,7 +172,7 @@ def main(argv: list[str]) -> None:
         print(json.dumps(measure_step(variant, batch_size, FLAGS.steps, dtype, remat, mlm_k,
                                       FLAGS.attention_impl, profile_dir)), flush=True)
         if profile_dir:
-            print(json.dumps(profile_summary.summarize(profile_dir, 3)), flush=True)
+            print(json.dumps(profile_summary.summarize(profile_dir, PROFILE_STEPS)), flush=True)
     if FLAGS.pipeline:
         print(json.dumps(measure_pipeline(batches=40)), flush=True)
 
