@@ -152,6 +152,30 @@ def score(
     return scores, warnings
 
 
+def usual_map(ranked: Ranked, query_labels: Sequence[Sequence[str] | None],
+              gallery_labels: Mapping[str, str], ns: Sequence[int] = NS) -> dict[str, float]:
+    """The usual mAP@N as fractions, {"top10": ..., ...}: not an official score.
+
+    AP@N = (sum over the hits among the first N of the precision at that rank) / min(N, P), P =
+    the gallery items with one of the query's labels; VIMER-UMS's Product1M evaluation uses it.
+    The official AP@N divides by the hits found instead (a list with one hit, at rank 1, scores
+    1 there). Queries without labels or without a positive in the gallery score 0 and count.
+    """
+    ranked = ranked.tolist() if isinstance(ranked, np.ndarray) else ranked
+    counts = collections.Counter(gallery_labels.values())
+    per_n = {n: np.zeros(len(ranked)) for n in ns}
+    for q, (ids, labels) in enumerate(zip(ranked, query_labels, strict=True)):
+        wanted = set(labels or ())
+        positives = sum(counts[label] for label in wanted)
+        if not positives:
+            continue
+        hits = np.fromiter((gallery_labels.get(g) in wanted for g in ids[:max(ns)]), bool)
+        precision = np.cumsum(hits) / np.arange(1, len(hits) + 1)
+        for n in ns:
+            per_n[n][q] = precision[:n][hits[:n]].sum() / min(n, positives)
+    return {f"top{n}": mean(v) for n, v in per_n.items()}
+
+
 def write_scores(path: str | os.PathLike, scores: Scores) -> None:
     """`metric_results.json` byte for byte as the official script writes it."""
     with open(path, "w", encoding="utf-8") as f:

@@ -282,3 +282,26 @@ def test_command_missing_file_exits_2(tmp_path, capsys, missing):
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert missing in err and "not found" in err and "Traceback" not in err
+
+
+def test_usual_map_divides_by_min_n_and_positives():
+    """The usual (not official) AP@N, by hand: sum of precision at each hit in the first N,
+    divided by min(N, P)."""
+    filler = [f"x{i}" for i in range(1, 21)]
+    ranked = [["a1", "x1", "a2", "a3", "x2", *filler[2:]],  # A: P = 5; hits at ranks 1, 3, 4.
+              ["x1", "d1"],  # D: P = 1; a hit at rank 2.
+              [*filler[:12], "b1", "c1"],  # B, C: P = 5; hits at ranks 13 and 14.
+              ["a1"],  # No labels: 0.
+              ["a1"]]  # A label with no gallery item: 0.
+    labels = [["A"], ["D"], ["B", "C", "C"], None, ["Z"]]
+    first = (1 + 2 / 3 + 3 / 4) / 5  # min(N, 5) = 5 for every N; the official AP is /3.
+    third = {10: 0.0, 50: (1 / 13 + 2 / 14) / 5, 100: (1 / 13 + 2 / 14) / 5}
+    want = {f"top{n}": (first + 0.5 + third[n]) / 5 for n in metrics.NS}
+    got = metrics.usual_map(ranked, labels, GALLERY)
+    assert got.keys() == want.keys()
+    for key in want:
+        assert got[key] == pytest.approx(want[key], abs=1e-12), key
+    # One hit at rank 1 of P = 5: the official AP@10 is 1, the usual one 1/5.
+    official, _ = metrics.score([["a1", *filler[:9]]], [["A"]], GALLERY)
+    assert official["top10"]["mAP"] == 1.0
+    assert metrics.usual_map([["a1", *filler[:9]]], [["A"]], GALLERY)["top10"] == 0.2

@@ -286,6 +286,7 @@ def test_index_lists_every_kind_and_baseline_with_links(setup, evaluated):
             assert f'href="{split}/{kind}/report.html"' in page
     assert "joint (headline)" in page and "tiny-test" in page and "step" in page
     assert "no ranking can retrieve" in page  # The unreachable positives are reported.
+    assert "usual mAP (not official)" in page and "min(N, positives)" in page
 
 
 def test_known_answer_ranking_scores_1(setup, monkeypatch):
@@ -315,7 +316,7 @@ def test_known_answer_ranking_scores_1(setup, monkeypatch):
     fields.update(report_queries=0, baselines=())
     known = dataclasses.replace(exp, workdir=exp.workdir + "/known")
     scores = dict(retrieval.Evaluator(known, **fields).evaluate(state, step=0))
-    assert len(scores) == 2 * len(capture.FEATURE_KINDS) * 9
+    assert len(scores) == 2 * len(capture.FEATURE_KINDS) * 12  # 9 official, 3 usual mAP.
     assert all(v == 100.0 for v in scores.values())
 
 

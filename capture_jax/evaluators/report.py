@@ -114,28 +114,38 @@ def write_report(path: str, title: str, scores: metrics.Scores, queries: Sequenc
 
 def write_index(path: str, title: str, results: Mapping[str, metrics.Scores],
                 descriptions: Mapping[str, str], headline: str, baselines: Sequence[str],
-                run_info: Mapping[str, object], notes: Sequence[str] = ()) -> None:
+                run_info: Mapping[str, object], notes: Sequence[str] = (),
+                usual: Mapping[str, Mapping[str, float]] | None = None) -> None:
     """`index.html`: split x feature kind x score (baselines included), each row linking its
-    report; the headline kind and the best row of each split marked; then the run's facts."""
+    report; the headline kind and the best row of each split marked; then the run's facts.
+    `usual` ({split/kind: {"top10": fraction, ...}}, `metrics.usual_map`) adds the usual mAP@N
+    columns after the official ones."""
     e = html.escape
     splits = list(dict.fromkeys(key.split("/")[0] for key in results))
     first = next(iter(results.values()))
     out = [_head(title), "<p class=note>Scores in percent. <b>Bold</b>: the best mAP@10 of the "
            f"split. Headline feature kind: <b>{e(headline)}</b>. Italic rows are untrained "
-           "baselines scored on the same queries and gallery.</p>"]
+           "baselines scored on the same queries and gallery."
+           + (" <b>usual mAP</b>: AP@N divided by min(N, positives), the scale of VIMER-UMS's "
+              "numbers; not an official score (the official AP@N divides by the hits found)."
+              if usual else "") + "</p>"]
     for split in splits:
         rows = {key.split("/", 1)[1]: s for key, s in results.items() if key.startswith(split + "/")}
         best = max(rows, key=lambda k: rows[k]["top10"]["mAP"])
         out.append(f'<h2>{e(split)} queries</h2><table class="s"><tr><th class=k rowspan=2>'
                    'feature kind</th>' + "".join(f"<th colspan=3>@{n[3:]}</th>" for n in first)
+                   + (f"<th colspan={len(first)}>usual mAP (not official)</th>" if usual else "")
                    + "<th class=k rowspan=2>what it is</th></tr><tr>"
-                   + "".join(f"<th>{m}</th>" for _ in first for m in _NAMES) + "</tr>")
+                   + "".join(f"<th>{m}</th>" for _ in first for m in _NAMES)
+                   + ("".join(f"<th>@{n[3:]}</th>" for n in first) if usual else "") + "</tr>")
         for kind, s in rows.items():
             cls = " ".join(c for c, on in (("best", kind == best), ("base", kind in baselines))
                            if on)
             name = f"{kind} (headline)" if kind == headline else kind
             out.append(f'<tr class="{cls}"><td class=k><a href="{e(split)}/{e(kind)}/report.html">'
                        f"{e(name)}</a></td>{_score_cells(s)}"
+                       + ("".join(f"<td>{100 * v:.2f}</td>" for v in usual[f"{split}/{kind}"]
+                                  .values()) if usual else "") +
                        f"<td class=k>{e(descriptions.get(kind, ''))}</td></tr>")
         out.append("</table>")
     if notes:

@@ -88,7 +88,7 @@ class Evaluator:
         g_ids = np.asarray(gallery.ids)
         kinds = (*self.feature_kinds, *self.baselines)
         tfidf = baseline_lib.TfIdf(gallery.titles) if "tfidf" in self.baselines else None
-        results, notes = {}, list(gt.warnings)
+        results, usual, notes = {}, {}, list(gt.warnings)
         unofficial = sorted(set(gallery.ids) - set(gt.gallery))
         if unofficial:  # Retrieving them is a miss: said once here, not per kind and split.
             notes.append(f"{len(unofficial)} built gallery rows have ids that the official script "
@@ -109,6 +109,7 @@ class Evaluator:
                 per_query_by_kind[kind], _ = metrics.per_query_scores(
                     ranked[sample], [labels[i] for i in sample], gt.gallery, ns=(10,))
                 results[f"{split}/{kind}"] = scores
+                usual[f"{split}/{kind}"] = metrics.usual_map(ranked, labels, gt.gallery)
                 for warning in warnings:  # The headline's; the others' alike (--verbosity=1).
                     explained = unofficial and "are not gallery ids" in warning
                     if kind == self.headline and not explained:
@@ -121,7 +122,8 @@ class Evaluator:
                     metrics.write_retrieval_file(os.path.join(out_dir, "retrieval_id_list.txt"),
                                                  queries.ids, ranked)
                     metrics.write_scores(os.path.join(out_dir, "metric_results.json"), scores)
-            _log_table(split, step, {k: results[f"{split}/{k}"] for k in kinds}, self.headline)
+            _log_table(split, step, {k: results[f"{split}/{k}"] for k in kinds}, self.headline,
+                       {k: usual[f"{split}/{k}"] for k in kinds})
             if main and len(sample):
                 self._write_reports(split, step, queries, ranked_by_kind, per_query_by_kind,
                                     sample, chosen, labels, gt, results)
@@ -132,9 +134,10 @@ class Evaluator:
                     "config": json.loads(exp.config.to_json_best_effort())}
             report.write_index(os.path.join(exp.workdir, "retrieval", "index.html"),
                                f"CAPTURE retrieval at step {step}", results, descriptions,
-                               self.headline, self.baselines, info, notes)
+                               self.headline, self.baselines, info, notes, usual)
         return [(f"{key}/{m}@{n[3:]}", 100 * v) for key, scores in results.items()
-                for n, s in scores.items() for m, v in s.items()]
+                for n, s in scores.items() for m, v in s.items()] + [
+            (f"{key}/usual_mAP@{n[3:]}", 100 * v) for key, s in usual.items() for n, v in s.items()]
 
     def summary(self, values: dict[str, float]) -> list[str]:
         """Per query split: the headline's mAP@10, then the baselines'."""
@@ -167,10 +170,15 @@ class Evaluator:
                 results[f"{split}/{kind}"], shown, gt.gallery, items, chosen)
 
 
-def _log_table(split: str, step: int, scores: dict[str, metrics.Scores], headline: str) -> None:
-    """One log line per kind (headline first), in percent, so a run shows how kinds compare."""
+def _log_table(split: str, step: int, scores: dict[str, metrics.Scores], headline: str,
+               usual: dict[str, dict[str, float]]) -> None:
+    """One log line per kind (headline first), in percent, so a run shows how kinds compare:
+    the official scores, then the usual mAP (divided by min(N, positives); not official)."""
     order = [headline, *(k for k in scores if k != headline)]
     width = max(map(len, order))
-    lines = [f"retrieval {split} at step {step} (percent; {headline} is the headline):"]
-    lines += [f"  {kind:<{width}}  {metrics.percent(scores[kind])}" for kind in order]
+    lines = [f"retrieval {split} at step {step} (percent; {headline} is the headline; "
+             "usual mAP = AP@N / min(N, positives), not an official score):"]
+    lines += [f"  {kind:<{width}}  {metrics.percent(scores[kind])} || usual mAP "
+              + " ".join(f"@{n[3:]} {100 * v:.2f}" for n, v in usual[kind].items())
+              for kind in order]
     logging.info("\n".join(lines))
