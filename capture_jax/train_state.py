@@ -71,15 +71,18 @@ def create_train_state(config: ml_collections.ConfigDict, tx: optax.GradientTran
 
 
 def make_train_step(config, state: TrainState, batch_sharding: NamedSharding, mesh):
-    """The jitted step: forward, losses, gradients, optimiser update; returns scalar metrics."""
-    root_key = jax.random.key(config.seed)
+    """The jitted step: forward, losses, gradients, optimiser update; returns scalar metrics.
+
+    Nothing concrete is made here (the root key is made inside the step), so the step also
+    lowers for devices that are not present (`capture_jax.aot`).
+    """
     schedule = optim.learning_rate_schedule(config)
     accum = max(config.optim.grad_accum_steps, 1)
 
     def train_step(model_state, opt_state, batch, step):
         model = nnx.merge(state.model_def, model_state)
         opt = nnx.merge(state.opt_def, opt_state)
-        dropout_key = jax.random.fold_in(root_key, step)
+        dropout_key = jax.random.fold_in(jax.random.key(config.seed), step)
 
         def loss_fn(model):
             outputs = model(batch, train=True, dropout_key=dropout_key)

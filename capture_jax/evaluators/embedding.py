@@ -18,7 +18,7 @@ from capture_jax.evaluators import baselines
 _EMBEDDERS = {}
 
 
-def _embedder(graphdef, model_state, mesh, rules, image_baselines: tuple[str, ...]):
+def embedder(graphdef, model_state, mesh, rules, image_baselines: tuple[str, ...]):
     """Jitted (state, batch) -> (features dict, valid, row), all batch-sharded; cached. The
     features are the model's kinds and the image baselines'."""
     key = (graphdef, mesh, rules, image_baselines)
@@ -67,7 +67,7 @@ def embed_split(experiment, model_state, split: str, batch_size: int,
     rows_per_host = len(ds) * ds.batch_size
     outputs, records = [], []
     with exp.context():
-        embed = _embedder(exp.shapes.model_def, model_state, exp.mesh, exp.rules, image_baselines)
+        embed = embedder(exp.shapes.model_def, model_state, exp.mesh, exp.rules, image_baselines)
         for b, (batch, item_ids, labels, titles) in enumerate(ds):
             start = jax.process_index() * rows_per_host + b * ds.batch_size
             batch["row"] = np.arange(start, start + len(item_ids), dtype=np.int32)
