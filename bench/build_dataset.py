@@ -23,7 +23,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import tensorflow_datasets as tfds  # noqa: E402
 from absl import flags, logging  # noqa: E402
 
-import tfds_product1m  # noqa: E402,F401  (registers the builder)
+from tfds_product1m import tfds_product1m_dataset_builder  # noqa: E402,F401  (registers the builder)
 from capture_jax import cli  # noqa: E402
 from tfds_product1m import synthetic  # noqa: E402
 

@@ -69,7 +69,7 @@ import orbax.checkpoint as ocp  # noqa: E402  (its multi-host barrier)
 import tensorflow_datasets as tfds  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 
-import tfds_product1m  # noqa: E402,F401  (registers the dataset)
+from tfds_product1m import tfds_product1m_dataset_builder  # noqa: E402,F401  (registers the builder)
 from capture_jax import visual_inputs  # noqa: E402
 
 if typing.TYPE_CHECKING:

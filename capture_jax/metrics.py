@@ -31,6 +31,7 @@ import numpy as np
 from absl import flags
 
 from capture_jax import cli
+from tfds_product1m import product1m_files
 
 NS = (10, 50, 100)
 Ranked = Sequence[Sequence[str]] | np.ndarray
@@ -201,8 +202,6 @@ def read_ground_truth(gt_dir: str | os.PathLike, splits: Sequence[str] = ("dev",
                       ) -> tuple[dict[str, str], dict[str, tuple[str, ...]], list[str]]:
     """The official files as the script reads them: ({gallery id: label}, {query id: labels},
     warnings). Queries of all `splits` go into one table; on a shared id dev wins, as there."""
-    from tfds_product1m import product1m_files  # Imports TensorFlow: only when files are read.
-
     tables, warnings = {}, []
     for split in ("gallery", *splits):
         path = os.path.join(gt_dir, product1m_files.split_filename(split))

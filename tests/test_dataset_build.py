@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-import tfds_product1m  # noqa: F401  (registers the builder)
+from tfds_product1m import tfds_product1m_dataset_builder  # noqa: F401  (registers the builder)
 from capture_jax import input_pipeline
 from tfds_product1m import build_report, synthetic
 from tfds_product1m import product1m_files as files

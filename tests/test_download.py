@@ -18,7 +18,7 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-import tfds_product1m  # noqa: F401  (registers the builder)
+from tfds_product1m import tfds_product1m_dataset_builder  # noqa: F401  (registers the builder)
 from capture_jax import cli
 from loopback_images import ImageServer
 from tfds_product1m import download

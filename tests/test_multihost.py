@@ -38,7 +38,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-import tfds_product1m  # noqa: F401  (registers the builder)
+from tfds_product1m import tfds_product1m_dataset_builder  # noqa: F401  (registers the builder)
 from capture_jax import input_pipeline, train
 from configs import capture as capture_configs
 

@@ -11,7 +11,7 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-import tfds_product1m  # noqa: F401  (registers the builder)
+from tfds_product1m import tfds_product1m_dataset_builder  # noqa: F401  (registers the builder)
 from capture_jax import input_pipeline as ip
 from capture_jax import visual_inputs as vi
 from capture_jax import cli, train, vocab

@@ -14,7 +14,7 @@ import orbax.checkpoint as ocp
 import pytest
 import tensorflow_datasets as tfds
 
-import tfds_product1m  # noqa: F401  (registers the builder)
+from tfds_product1m import tfds_product1m_dataset_builder  # noqa: F401  (registers the builder)
 from capture_jax import checkpointing, evaluators, experiment, train, vocab
 from configs import capture as capture_configs
 
@@ -76,6 +76,15 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(data_dir, tmp_path, cap
         done = train.train_and_evaluate(tiny_config(data_dir), str(tmp_path / "straight"))
     assert done["step"] == 6 and done["finished"] and not done["history"]
     assert "Nothing to train: the checkpoint is at step 6 of 6 (the run is complete)" in caplog.text
+    # A checkpoint past a lowered num_train_steps is complete too, not "halted".
+    caplog.clear()
+    with caplog.at_level("INFO"):
+        past = train.train_and_evaluate(tiny_config(data_dir, num_train_steps=4),
+                                        str(tmp_path / "straight"))
+    assert past["step"] == 6 and past["finished"] and not past["history"]
+    assert ("Run summary (tiny): already complete: the checkpoint is at step 6 and "
+            "num_train_steps is 4") in caplog.text
+    assert "halted" not in caplog.text
 
 
 def _first_losses(data_dir, workdir, devices=None, **changes):

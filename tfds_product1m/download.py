@@ -43,7 +43,7 @@ import pyarrow.parquet as pq
 from absl import flags, logging
 from PIL import Image
 
-from capture_jax import cli
+from tfds_product1m import command_line as cli
 from tfds_product1m import product1m_files as files
 
 REPORT_FILE = "download_report.json"

@@ -8,6 +8,7 @@ import collections
 import dataclasses
 
 from capture_jax import metrics
+from tfds_product1m import product1m_files
 
 
 @dataclasses.dataclass
@@ -32,8 +33,6 @@ def load(builder, gallery_split: str, query_splits: tuple[str, ...]) -> GroundTr
         raise ValueError(f"Dataset {builder.info.full_name} has no ground truth for splits "
                          f"{missing} (its text files were absent at build time): build them or "
                          "set config.evals.retrieval.query_splits.")
-    from tfds_product1m import product1m_files
-
     warnings = []
     for split in (gallery_split, *query_splits):
         table = dataclasses.replace(product1m_files.OfficialLabels({}, [], 0, 0),
