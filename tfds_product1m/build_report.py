@@ -138,6 +138,19 @@ def skip_warning(split: str, stats: Mapping, found: Mapping[str, str] = {}) -> s
     return "\n".join(lines)
 
 
+def empty_split_error(split: str, stats: Mapping, found: Mapping[str, str] = {}) -> str:
+    """The error for a split with no usable row (TFDS cannot write an empty split): which split,
+    why its rows were skipped, and what to check for the main reason."""
+    if not stats["rows_read"]:
+        return (f"Product1M {split}: the split file has no row, so the split cannot be built: "
+                "check that it is the complete official file, or remove it to build the others.")
+    top = _reasons(stats)[0][0]
+    advice = ADVICE.get(top, "see the builder (product1m_files.SKIP_REASONS).")
+    return (f"Product1M {split}: no usable row, so the split cannot be built: all "
+            f"{stats['rows_read']:,} rows were skipped ({reasons_text(stats, with_share=False)}); "
+            f"{top}: {advice}" + (f" This build {found[top]}." if top in found else ""))
+
+
 def log_build_summary(name: str, audits: Mapping[str, Mapping | None],
                       expected: set[str] = frozenset(), found: Mapping[str, str] = {}) -> None:
     """Logs the final table once (INFO), then one WARNING per split that skipped too much.

@@ -216,6 +216,10 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         if spec is not None and spec.dirty:  # Its dirty rows are skipped on purpose.
             expected = {s for s, a in audits.items()
                         if a is not None and a["written"] == spec.split_rows(s)}
+        build_report.log_build_summary(self.info.full_name, audits, expected, self._found())
+
+    def _found(self) -> dict[str, str]:
+        """What the build saw that bears on a skip reason (`build_report.skip_warning`)."""
         metadata, root = self.info.metadata, getattr(self, "_root", "the manual directory")
         found = {"missing_image": f"found {metadata.get('image_index', {}).get('files', 0):,} "
                                   f"<id>.jpg files under {root}"}
@@ -223,7 +227,7 @@ class Builder(tfds.core.GeneratorBasedBuilder):
             index = metadata["region_index"]
             found["missing_regions"] = (f"indexed {index.get('indexed', 0):,} ids in "
                                         f"{index.get('files', 0):,} *.tsv files under {root}")
-        build_report.log_build_summary(self.info.full_name, audits, expected, found)
+        return found
 
     def _beam_audit(self, split: str, audit: dict) -> dict | None:
         """A Beam split's audit for the summary: the launcher's row-level counts, the written
@@ -353,6 +357,8 @@ class Builder(tfds.core.GeneratorBasedBuilder):
         summary = stats.to_json()
         self.info.metadata["build_stats"][split] = summary
         logging.info("%s", build_report.split_line(split, summary))
+        if not stats.written:  # Else TFDS fails with "No examples were yielded", saying no why.
+            raise ValueError(build_report.empty_split_error(split, summary, self._found()))
 
 
 # TFDS's "Variant folder .../tfds_product1m/<config>/<version> has no dataset_info.json" WARNING,
