@@ -218,19 +218,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     train_iter.close()
     manager.wait_until_finished()
     manager.close()
-    if start_step == total and evaluators:  # Already trained: evaluate again.
+    if start_step >= total and evaluators:  # Already trained: evaluate again.
         scores[step] = _evaluate(evaluators, state, step, writer)
     writer.flush()
-    ended = ("pre-empted; the same command resumes." if preempted else
-             "finished." if step == total else
-             f"halted after step {step} (halt_after_step); the same command with "
-             "--config.halt_after_step=-1 (or a later step) continues.")
+    if preempted:
+        ended = "pre-empted; the same command resumes."
+    elif start_step >= total:
+        ended = (f"already complete: the checkpoint is at step {start_step} and num_train_steps "
+                 f"is {total}, so nothing was trained; raise --config.num_train_steps to train on.")
+    elif step >= total:
+        ended = "finished."
+    else:
+        ended = (f"halted after step {step} (halt_after_step); the same command with "
+                 "--config.halt_after_step=-1 (or a later step) continues.")
     logging.info("%s", progress.final_summary(
         variant=config.variant, start_step=start_step, step=step, total=total,
         wall_s=clock.wall_s(), batch=config.global_batch_size, first_step_s=clock.first_step_s,
         score_lines=[line for e in evaluators for line in e.summary()], workdir=workdir,
         checkpoint_dir=checkpointing.checkpoint_dir(workdir), ended=ended))
-    return {"step": step, "history": history, "scores": scores, "finished": step == total,
+    return {"step": step, "history": history, "scores": scores, "finished": step >= total,
             "checkpoint_dir": checkpointing.checkpoint_dir(workdir)}
 
 
