@@ -6,6 +6,7 @@ it in $CAPTURE_JAX_LIBTPU. Only the command's subprocess is pointed at it (TPU_L
 this pytest process never loads it.
 """
 
+import importlib.metadata
 import json
 import os
 import subprocess
@@ -28,6 +29,13 @@ def libtpu_env() -> dict:
                     "CAPTURE_JAX_LIBTPU=DIR (.ci/run does both).")
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     return dict(env, TPU_LIBRARY_PATH=library, PYTHONPATH=ROOT)
+
+
+def test_libtpu_version_is_the_one_jax_tpu_pins():
+    pins = [r for r in importlib.metadata.requires("jax") if r.startswith("libtpu")]
+    assert len(pins) == 1, pins
+    pinned = pins[0].split(";")[0].removeprefix("libtpu==").rstrip(".*")
+    assert aot.LIBTPU_VERSION.startswith(pinned), (aot.LIBTPU_VERSION, pins)
 
 
 def run_aot(*args: str) -> subprocess.CompletedProcess:
