@@ -60,8 +60,9 @@ class Embedded:
 
 
 def embed_split(experiment, model_state, split: str, batch_size: int,
-                image_baselines: tuple[str, ...] = ()) -> Embedded:
-    """Features, ids, labels and titles of `split`'s valid rows, in dataset order."""
+                image_baselines: tuple[str, ...] = (), progress=None) -> Embedded:
+    """Features, ids, labels and titles of `split`'s valid rows, in dataset order.
+    `progress(batches done, batches)`, if given, is called after each batch."""
     exp = experiment
     ds = input_pipeline.EvalDataset(exp.config, exp.builder, exp.tokenizer, split, batch_size)
     rows_per_host = len(ds) * ds.batch_size
@@ -75,6 +76,8 @@ def embed_split(experiment, model_state, split: str, batch_size: int,
                                  input_pipeline.make_global_batch(batch, exp.batch_sharding)))
             records += [json.dumps([i, ls, t], ensure_ascii=False)
                         for i, ls, t in zip(item_ids, labels, titles)]
+            if progress is not None:
+                progress(b + 1, len(ds))
     features, valid, row = jax.tree.map(lambda *xs: np.concatenate(xs),
                                         *multihost_utils.process_allgather(outputs, tiled=True))
     records = [json.loads(r) for r in _allgather_strings(records)]
