@@ -71,6 +71,8 @@ flags.DEFINE_string("host", "127.0.0.1", "serve: address to listen on.", flag_va
 flags.DEFINE_integer("port", 8000, "serve: port.", flag_values=FLAGS)
 flags.DEFINE_integer("max_batch", 8, "serve: query rows embedded and ranked together.",
                      flag_values=FLAGS)
+flags.DEFINE_float("batch_wait_ms", 5.0, "serve: how long a request waits for others to share "
+                   "its batch.", flag_values=FLAGS)
 
 USER_ERRORS = (ValueError, FileNotFoundError, checkpointing.CheckpointError)
 
@@ -139,7 +141,8 @@ def serve() -> None:
                           step=FLAGS.step if FLAGS.step >= 0 else None,
                           approximate=bool(FLAGS.approximate), batch_size=FLAGS.max_batch)
     s.check_kind(FLAGS.kind)
-    server.serve(s, FLAGS.host, FLAGS.port, FLAGS.max_batch, FLAGS.kind)
+    server.serve(s, FLAGS.host, FLAGS.port, FLAGS.max_batch, FLAGS.kind,
+                 FLAGS.batch_wait_ms)
 
 
 def main(argv: Sequence[str]):
