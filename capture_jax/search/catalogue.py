@@ -159,16 +159,16 @@ def write(path: str, model, kinds, features, ids, titles, thumbs, source, max_si
 
 
 def build_approximate(features: np.ndarray, method: str, path: str | None = None):
-    """A faiss approximate inner-product index of `features` (IVF: sqrt(N)*4 lists, 16 probed;
-    HNSW: 32 links, efSearch 128), saved to `path` if given."""
+    """A faiss approximate inner-product index of `features` (IVF: sqrt(N) lists trained on 40
+    rows per list, 16 probed; HNSW: 32 links, efSearch 128), saved to `path` if given."""
     import faiss
 
     n, dim = features.shape
     features = np.ascontiguousarray(features, np.float32)
     if method == "ivf":
-        lists = max(1, min(int(4 * math.sqrt(n)), n // 39))
+        lists = max(1, min(int(math.sqrt(n)), n // 39))
         index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, lists, faiss.METRIC_INNER_PRODUCT)
-        sample = features[np.random.default_rng(0).choice(n, min(n, 256 * lists), replace=False)]
+        sample = features[np.random.default_rng(0).choice(n, min(n, 40 * lists), replace=False)]
         index.train(sample)
         index.nprobe = min(16, lists)
     elif method == "hnsw":
