@@ -41,7 +41,7 @@ def update_with_norms(tx: optax.GradientTransformation):
     def update(params, opt_state, grads):
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
-        return params, opt_state, optax.global_norm(grads), optax.global_norm(params)
+        return params, opt_state, optax.tree.norm(grads), optax.tree.norm(params)
     return update
 
 

@@ -148,7 +148,7 @@ def check(config, state, torch_model) -> dict:
             worst, worst_name = err, name
     t_norm = float(torch.linalg.vector_norm(torch.stack(
         [p.grad.norm() for p in torch_model.parameters()])))
-    ours_norm = float(optax.global_norm(grads))
+    ours_norm = float(optax.tree.norm(grads))
     result.update(grad_norm_ours=round(ours_norm, 6), grad_norm_torch=round(t_norm, 6),
                   grad_norm_rel_diff=float(f"{abs(ours_norm - t_norm) / t_norm:.2e}"),
                   grad_rel_diff_all=float(f"{np.sqrt(diff_sq / total_sq):.2e}"),

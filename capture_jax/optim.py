@@ -74,7 +74,7 @@ def clipped_adamw(schedule: optax.Schedule, *, b1: float, b2: float, eps: float,
             raise ValueError("clipped_adamw needs the parameters (weight decay): call "
                              "update(grads, state, params).")
         clip_state, (adam, masked, sched) = state
-        g_norm = optax.global_norm(grads)
+        g_norm = optax.tree.norm(grads)
         clip = jnp.where(g_norm < max_norm, 1.0, max_norm / g_norm)  # A scalar, not a select.
         count = optax.safe_increment(adam.count)
         c1 = 1 - b1 ** count.astype(jnp.float32)

@@ -91,8 +91,8 @@ def make_train_step(config, state: TrainState, batch_sharding: NamedSharding, me
         (loss, parts), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model)
         opt.update(model, grads)
         metrics = {"loss": loss, **{f"loss_{k}": v for k, v in parts.items()}}
-        metrics["grad_norm"] = optax.global_norm(grads)
-        metrics["param_norm"] = optax.global_norm(nnx.state(model, nnx.Param))
+        metrics["grad_norm"] = optax.tree.norm(grads)
+        metrics["param_norm"] = optax.tree.norm(nnx.state(model, nnx.Param))
         metrics["learning_rate"] = schedule(step // accum)
         return nnx.state(model), nnx.state(opt), metrics
 
