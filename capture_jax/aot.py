@@ -133,6 +133,7 @@ class Compiled:
     outputs: int = 0  # Not counting those that reuse donated arguments' buffers.
     code: int = 0
     flops: float = 0.0  # XLA's count, per chip.
+    bytes_accessed: float = 0.0  # XLA's count of HBM traffic, per chip.
     seconds: float = 0.0  # XLA's cost model (`optimal_seconds`): an estimate.
     fusions: int = 0
     compile_s: float = 0.0
@@ -152,8 +153,9 @@ def analyse(compiled, batch_per_chip: int, compile_s: float) -> Compiled:
     return Compiled(
         batch_per_chip, True, mem.argument_size_in_bytes, mem.temp_size_in_bytes,
         mem.output_size_in_bytes - mem.alias_size_in_bytes, mem.generated_code_size_in_bytes,
-        float(costs.get("flops", 0.0)), float(costs.get("optimal_seconds", 0.0)),
-        len(re.findall(r"\bfusion\(", hlo)), compile_s, hlo)
+        float(costs.get("flops", 0.0)), float(costs.get("bytes accessed", 0.0)),
+        float(costs.get("optimal_seconds", 0.0)), len(re.findall(r"\bfusion\(", hlo)),
+        compile_s, hlo=hlo)
 
 
 _OUT_OF_MEMORY = re.compile(r"Used ([0-9.]+)([KMGT]) of ([0-9.]+)([KMGT]) hbm")
@@ -324,7 +326,8 @@ def line(what: str, c: Compiled, devices: Sequence, hbm: float, model_flops: flo
         out.update(arguments_gib=round(c.arguments / GIB, 2),
                    temporaries_gib=round(c.temporaries / GIB, 2),
                    outputs_gib=round(c.outputs / GIB, 2),
-                   xla_tflop_per_chip=_digits(c.flops / 1e12))
+                   xla_tflop_per_chip=_digits(c.flops / 1e12),
+                   xla_gib_accessed_per_chip=_digits(c.bytes_accessed / GIB))
         if model_flops:
             out["model_tflop_per_chip"] = _digits(model_flops * c.batch_per_chip / 1e12)
         if c.seconds:
