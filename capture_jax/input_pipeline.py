@@ -103,12 +103,18 @@ def example_seed(seed: int, position: tf.Tensor) -> tf.Tensor:
     return tf.random.experimental.stateless_fold_in(base, tf.cast(position, tf.int64))
 
 
-def mask_tokens(ids: tf.Tensor, seed: tf.Tensor, tokenizer: vocab.Tokenizer, prob: float):
-    """BERT MLM masking of `ids` (any shape) -> (masked ids, labels: original id or -1)."""
+def mask_tokens(ids: tf.Tensor, seed: tf.Tensor, tokenizer: vocab.Tokenizer, prob: float,
+                max_selected: int = 0):
+    """BERT MLM masking of `ids` [T] -> (masked ids, labels: original id or -1). With
+    `max_selected` = K > 0 (`model.mlm_max_predictions`, the positions the model scores) only
+    the first K selections stay selected; the rest are left as they were, unmasked and unlabelled,
+    so the model scores every token the masking changed."""
     s_select, s_kind, s_random = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
     candidate = ((ids != tokenizer.pad_id) & (ids != tokenizer.cls_id)
                  & (ids != tokenizer.sep_id))
     selected = candidate & (tf.random.stateless_uniform(tf.shape(ids), s_select) < prob)
+    if max_selected > 0:
+        selected &= tf.cumsum(tf.cast(selected, tf.int32), axis=-1) <= max_selected
     kind = tf.random.stateless_uniform(tf.shape(ids), s_kind)
     random_ids = tf.random.stateless_uniform(
         tf.shape(ids), s_random, minval=tokenizer.first_regular_id,
@@ -224,6 +230,7 @@ def create_train_iterator(config, builder, tokenizer: vocab.Tokenizer, *, start_
                         int(start_step) * local_batch)
     features, decoders = builder.info.features, image_decoders(builder)
     mlm_prob, mrm_prob, seed = config.masking.mlm_prob, config.masking.mrm_prob, config.seed
+    mlm_cap = max(config.model.mlm_max_predictions, 0)
 
     def example(local_position, serialized):
         ex = features.deserialize_example(serialized, decoders=decoders)
@@ -231,7 +238,7 @@ def create_train_iterator(config, builder, tokenizer: vocab.Tokenizer, *, start_
         key = example_seed(seed, step * global_batch + pid * local_batch + row)
         k_text, k_patch = tf.unstack(tf.random.experimental.stateless_split(key, 2))
         ids, mask = tokenizer.encode(ex["title"][None])
-        text_ids, mlm_labels = mask_tokens(ids[0], k_text, tokenizer, mlm_prob)
+        text_ids, mlm_labels = mask_tokens(ids[0], k_text, tokenizer, mlm_prob, mlm_cap)
         inputs = visual.example(ex)
         mrm_mask, mrm_zero = visual.masks(inputs, k_patch, mrm_prob)
         return {"text_ids": text_ids, "text_mask": mask[0], "mlm_labels": mlm_labels, **inputs,

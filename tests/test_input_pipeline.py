@@ -206,6 +206,24 @@ def test_mlm_masking_statistics(tmp_path):
     assert randoms.min() >= tok.first_regular_id and randoms.max() < tok.vocab_size
 
 
+def test_mlm_masking_never_selects_more_than_the_models_cap(tmp_path):
+    """With model.mlm_max_predictions = K the model scores the first K selections of a row:
+    the masking must change no token beyond those (here at p = 0.5, well past K on average)."""
+    tok = _stats_tokenizer(tmp_path)
+    body = np.random.default_rng(1).integers(tok.first_regular_id, tok.vocab_size, 34)
+    ids = tf.constant(np.concatenate([[tok.cls_id], body, [tok.sep_id]]), tf.int32)
+    for position in range(200):
+        key = ip.example_seed(0, position)
+        full_masked, full_labels = (x.numpy() for x in ip.mask_tokens(ids, key, tok, 0.5))
+        masked, labels = (x.numpy() for x in ip.mask_tokens(ids, key, tok, 0.5, max_selected=4))
+        kept = np.flatnonzero(full_labels >= 0)[:4]  # The first K of the uncapped selection.
+        np.testing.assert_array_equal(np.flatnonzero(labels >= 0), kept)
+        np.testing.assert_array_equal(masked[kept], full_masked[kept])
+        untouched = np.ones(len(labels), bool)
+        untouched[kept] = False
+        np.testing.assert_array_equal(masked[untouched], ids.numpy()[untouched])
+
+
 def test_mrm_masking_statistics():
     selected, zero = (x.numpy() for x in vi.mask_patches(20000, ip.example_seed(0, 3), 0.15))
     assert abs(selected.mean() - 0.15) < 0.01
