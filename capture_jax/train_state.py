@@ -82,7 +82,7 @@ def make_train_step(config, state: TrainState, batch_sharding: NamedSharding, me
     def train_step(model_state, opt_state, batch, step):
         model = nnx.merge(state.model_def, model_state)
         opt = nnx.merge(state.opt_def, opt_state)
-        dropout_key = jax.random.fold_in(jax.random.key(config.seed), step)
+        dropout_key = jax.random.fold_in(jax.random.key(config.seed, impl=config.rng_impl), step)
 
         def loss_fn(model):
             outputs = model(batch, train=True, dropout_key=dropout_key)

@@ -35,6 +35,9 @@ def _paper() -> dict[str, Any]:
     return dict(
         variant="paper",  # Which row of VARIANTS this is (MFU uses the reference's count for paper).
         seed=0,  # Root of all randomness: init, shuffling, masking, dropout.
+        # PRNG implementation of the dropout keys (jax.random.key impl): 'threefry2x32' (JAX's
+        # default), 'rbg' or 'unsafe_rbg' (cheaper masks on GPUs; other random bits, same replay).
+        rng_impl="threefry2x32",
         model=dict(
             # Text vocabulary (21128 = bert-base-chinese); set from the tokenizer at start-up.
             vocab_size=21128,
