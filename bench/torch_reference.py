@@ -433,8 +433,10 @@ def compute_losses(outputs, batch, temperature: float = 0.07):
     mrm = err.sum() / (sel.sum() * err.shape[-1]).clamp(min=1.0)
     b = outputs["clr_text"].shape[0]
     z = F.normalize(torch.cat([outputs["clr_visual"], outputs["clr_text"]]), dim=-1)
-    sims = (z @ z.T / temperature).masked_fill(torch.eye(2 * b, dtype=torch.bool), -math.inf)
-    clr = F.cross_entropy(sims, torch.cat([torch.arange(b) + b, torch.arange(b)]))
+    eye = torch.eye(2 * b, dtype=torch.bool, device=z.device)
+    sims = (z @ z.T / temperature).masked_fill(eye, -math.inf)
+    targets = torch.arange(b, device=z.device)
+    clr = F.cross_entropy(sims, torch.cat([targets + b, targets]))
     return mlm + mrm + clr, dict(mlm=mlm, mrm=mrm, clr=clr)
 
 

@@ -68,12 +68,13 @@ PROFILE_STEPS = 3  # Steps traced with --profile_dir.
 
 def measure_step(variant: str, batch_size: int, steps: int, dtype: str | None, remat: str,
                  mlm_max_predictions: int, attention_impl: str, profile_dir: str | None = None,
-                 profile_steps: int = PROFILE_STEPS) -> dict:
+                 profile_steps: int = PROFILE_STEPS, overrides: dict | None = None) -> dict:
     """One setting's line (see the module docstring). `pipelined_step_s` times the same number
     of steps dispatched back to back with one wait at the end: against `step_s` (a wait after
     every step) it shows how much of a step is the host's. With `profile_dir`, `profile_steps`
     more steps are traced there (`jax.profiler`, with a perfetto trace for
-    bench/profile_summary.py)."""
+    bench/profile_summary.py). `overrides` (dotted config field -> value, e.g.
+    {"rng_impl": "unsafe_rbg"}) are applied last."""
     config = capture_configs.get_config(variant)
     config.global_batch_size = batch_size
     if dtype:
@@ -84,6 +85,12 @@ def measure_step(variant: str, batch_size: int, steps: int, dtype: str | None, r
         config.model[stack].remat = remat == "all"
     config.model.mlm_max_predictions = mlm_max_predictions
     config.model.attention_impl = attention_impl
+    for field, value in (overrides or {}).items():
+        *parents, name = field.split(".")
+        node = config
+        for parent in parents:
+            node = node[parent]
+        node[name] = value
     mesh = sharding.make_mesh({"data": -1})
     rules = sharding.rules("dp")
     tx = optim.create_optimizer(config)

@@ -4,10 +4,10 @@
 lower gallery index (as a stable numpy argsort of -scores), whatever the method. Which is fastest
 depends on the machine; docs/performance.md has the measurements (bench/retrieval.py on CPUs,
 bench/device_check.py on accelerators). `auto`, the evaluator's default (`resolve_method`;
-`stats["method"]` says which ran), takes `exact` on GPUs and TPUs and `faiss` on CPUs (`exact`
-if faiss-cpu, a requirement, is missing): on CPUs the faster of the two depends on the BLAS
-faiss brings (1.5x `exact` on one machine, a third of it on another), and faiss's own search is
-the number users compare with. `exact` stays one setting away where it wins:
+`stats["method"]` says which ran), takes `ACCELERATOR_AUTO` (`exact`) on GPUs and TPUs and
+`faiss` on CPUs (`exact` if faiss-cpu, a requirement, is missing): on CPUs the faster of the two
+depends on the BLAS faiss brings (1.5x `exact` on one machine, a third of it on another),
+and faiss's own search is the number users compare with. `exact` stays one setting away where it wins:
 
 * `exact`: float32 (`Precision.HIGHEST`) scores on the mesh's devices. The gallery is sharded by
   rows over all devices; each device scores a chunk of queries against its rows tile by tile and
@@ -43,6 +43,10 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 _BLOCK = 32  # Gallery rows per block of the block-maximum pruning (see the module docstring).
 METHODS = ("auto", "exact", "faiss", "screen")
 
+# What `auto` runs on GPUs and TPUs: `exact` or `screen`, whichever bench/device_check.py's
+# `ranker_choice` line found faster at 1M and 10M rows (docs/performance.md, Ranking).
+ACCELERATOR_AUTO = "exact"
+
 _RANKERS = {}
 
 
@@ -57,7 +61,7 @@ def resolve_method(method: str, mesh) -> str:
     if check_method(method) != "auto":
         return method
     if any(d.platform != "cpu" for d in mesh.devices.flat):
-        return "exact"
+        return ACCELERATOR_AUTO
     try:
         import faiss  # noqa: F401
     except ImportError:
