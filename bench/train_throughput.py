@@ -130,7 +130,8 @@ def measure_step(variant: str, batch_size: int, steps: int, dtype: str | None, r
     examples_per_s = batch_size / step_s
     return {
         "bench": "train_step", "variant": variant, "batch": batch_size,
-        "dtype": config.model.dtype, "remat": remat, "mlm_max_predictions": config.model.mlm_max_predictions,
+        "dtype": config.model.dtype, "remat": remat,
+        "mlm_max_predictions": config.model.mlm_max_predictions,
         "attention_impl": attention_impl,
         "device": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
         "step_s": round(step_s, 4), "pipelined_step_s": round(pipelined_s, 4),
