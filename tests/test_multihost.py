@@ -72,10 +72,7 @@ def _process_env(processes: int) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items()
            if k.lower() not in ("http_proxy", "https_proxy", "grpc_proxy", "all_proxy")}
     flags = re.sub(r"--xla_force_host_platform_device_count=\d+", "", env.get("XLA_FLAGS", ""))
-    # XLA:CPU's older emitters compile these programs in half the time; every process whose
-    # numbers are compared exactly (the 2 processes, the 1 scoring them) uses the same flags.
-    env["XLA_FLAGS"] = (f"{flags} --xla_force_host_platform_device_count={DEVICES // processes}"
-                        " --xla_cpu_use_fusion_emitters=false")
+    env["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={DEVICES // processes}"
     env.update(JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1")
     if processes > 1:  # See the module docstring.
         env["JAX_ENABLE_COMPILATION_CACHE"] = "false"
