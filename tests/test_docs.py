@@ -36,7 +36,7 @@ OUTSIDE_NOTES = ("CAPTURE_SPEC", "PRODUCT1M.md", "DESIGN.md", "JAX_NOTES.md")
 ABSL_FLAGS = {"verbosity", "v", "logtostderr", "alsologtostderr", "log_dir", "flagfile",
               "help", "helpfull", "helpshort", "stderrthreshold", "only_check_args"}
 DEFAULT_VARIANT = "demo"
-QUICKSTART = ("pip install -r requirements.txt && python main.py --config configs/capture.py:demo "
+QUICKSTART = ("pip install -r requirements.txt -e . && python main.py --config configs/capture.py:demo "
               "--workdir /tmp/capture_demo")
 
 FENCE = re.compile(r"^```(\w*)[^\n]*\n(.*?)^```", re.M | re.S)
