@@ -107,6 +107,8 @@ class Tokenizer:
             self.vocab_size)
         self._tokenizer = tf_text.FastBertTokenizer(
             vocab=self.vocab, lower_case_nfd_strip_accents=True, token_out_type=tf.int64)
+        self._encode_graph = tf.function(self.encode,
+                                         input_signature=[tf.TensorSpec([None], tf.string)])
 
     def encode(self, titles: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
         """[N] strings -> (ids int32 [N, T], mask int32 [N, T])."""
@@ -114,6 +116,12 @@ class Tokenizer:
         ids, _ = tf_text.combine_segments([tokens], self.cls_id, self.sep_id)
         ids, mask = tf_text.pad_model_inputs(ids, self.max_len, pad_value=self.pad_id)
         return tf.cast(ids, tf.int32), tf.cast(mask, tf.int32)
+
+    def encode_titles(self, titles: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """`encode` of Python strings outside tf.data, as numpy: the same ops traced once into a
+        graph (run eagerly they cost ~30x more: the search server tokenises each query)."""
+        ids, mask = self._encode_graph(tf.constant(titles, tf.string))
+        return ids.numpy(), mask.numpy()
 
     def tokens(self, ids: collections.abc.Iterable[int]) -> list[str]:
         """Token strings of `ids` (for tests and debugging)."""

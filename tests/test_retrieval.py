@@ -102,6 +102,23 @@ def test_top_k_with_fewer_gallery_items_than_k(method):
     np.testing.assert_array_equal(indices, reference_top_k(queries, gallery, 13)[1])
 
 
+@pytest.mark.parametrize("k", [1, 5, 100, 3000])
+def test_few_top_k_equals_numpy_with_ties_to_the_lower_index(k):
+    """The search server's ranker for a few queries: ties (small integer features) at and
+    before the cut go to the lower index; k past the gallery's size lists it all."""
+    rng = np.random.default_rng(3)
+    gallery = rng.integers(-2, 3, (2003, 6)).astype(np.float32)
+    queries = rng.integers(-2, 3, (ranker.FEW_QUERIES - 1, 6)).astype(np.float32)
+    scores, indices = ranker.few_top_k(queries, gallery, k)
+    ref_scores, ref_indices = reference_top_k(queries, gallery, min(k, 2003))
+    np.testing.assert_array_equal(indices, ref_indices)
+    np.testing.assert_array_equal(scores, ref_scores)
+    floats = rng.standard_normal((2003, 24)).astype(np.float32)
+    few = rng.standard_normal((3, 24)).astype(np.float32)
+    np.testing.assert_allclose(ranker.few_top_k(few, floats, k)[0],
+                               reference_top_k(few, floats, min(k, 2003))[0], atol=1e-5)
+
+
 def test_screen_certifies_separated_queries_and_its_bound_holds():
     """Gallery items near each query (an embedding's neighbours) stand out: the bfloat16 screen
     certifies every query without ranking again, with the exact float32 answer; and the error

@@ -91,6 +91,36 @@ def test_index_ranks_test_queries_as_the_evaluator(trained, index, tmp_path, cap
     assert [(h["id"], h["box"]) for h in merged] == [(i, c) for i, (_, c) in want]
 
 
+def test_query_rows_equal_the_evaluators_rows_bit_for_bit(trained, index):
+    """A test picture and title make the rows the evaluator's input pipeline made (graphs and
+    numpy here, tf.data there); odd titles tokenise as the pipeline tokenises them."""
+    import tensorflow as tf
+
+    from capture_jax import experiment, input_pipeline
+
+    workdir, _, queries, _ = trained
+    s = searcher.Searcher(index)
+    exp = experiment.setup(s.model.config.copy_and_resolve_references(), workdir)
+    jpegs = {qid: jpeg for qid, _, jpeg in queries}
+    seen = 0
+    for batch, ids, _, titles in input_pipeline.EvalDataset(exp.config, exp.builder,
+                                                            exp.tokenizer, "test", 16):
+        for row, (qid, title) in enumerate(zip(ids, titles)):
+            if not title.strip():
+                continue
+            rows = s.prepare(jpegs[qid], title).rows
+            for key in ("image", "text_ids", "text_mask"):
+                np.testing.assert_array_equal(rows[key][0], batch[key][row], err_msg=key)
+            seen += 1
+    assert seen >= 12
+    odd = ["ZIKE/姿珂 Crème Brûlée 口红 №5 ½ 😀 ,.!?", "a" * 400, "的" * 50, "  x  ", "£€¥ ＡＢＣ"]
+    pipeline = tf.data.Dataset.from_tensor_slices(odd).map(
+        lambda t: s.model.tokenizer.encode(t[None])).as_numpy_iterator()
+    for (want_ids, want_mask), ids, mask in zip(pipeline, *s.model.tokenizer.encode_titles(odd)):
+        np.testing.assert_array_equal(ids, want_ids[0])
+        np.testing.assert_array_equal(mask, want_mask[0])
+
+
 def test_a_directory_catalogue_indexes_like_the_built_split(trained, index, tmp_path):
     workdir, data_dir, _, _ = trained
     [raw] = glob.glob(os.path.join(data_dir, "downloads", "synthetic_raw", "*"))

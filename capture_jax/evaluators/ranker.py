@@ -244,6 +244,26 @@ def _faiss_top_k(queries, gallery, k, stats, margin: int = 8, redo_chunk: int = 
     return scores.astype(np.float32), indices.astype(np.int32)
 
 
+FEW_QUERIES = 20  # faiss scans fewer queries than this row by row, without BLAS.
+
+
+def few_top_k(queries: np.ndarray, gallery: np.ndarray, k: int
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """`top_k` for a few queries on the host (the search server's): one BLAS product in numpy and
+    the same tie rule. Below `FEW_QUERIES` faiss scores query by query without BLAS, 2-3x slower
+    (docs/performance.md, Search); scores are [Q, G] in memory, so keep Q small."""
+    scores = np.asarray(queries, np.float32) @ np.asarray(gallery, np.float32).T
+    num_g = scores.shape[1]
+    k = min(k, num_g)
+    kth = np.partition(scores, num_g - k, axis=1)[:, num_g - k]  # Each row's k-th largest.
+    out_s, out_i = np.empty((len(scores), k), np.float32), np.empty((len(scores), k), np.int32)
+    for j, row in enumerate(scores):
+        cand = np.flatnonzero(row >= kth[j])  # In index order: a stable sort keeps ties so.
+        keep = cand[np.argsort(-row[cand], kind="stable")[:k]]
+        out_s[j], out_i[j] = row[keep], keep
+    return out_s, out_i
+
+
 def top_k(queries, gallery, k: int, mesh, *, method: str = "auto", query_chunk: int = 1024,
           gallery_tile: int = 32768, screen_candidates: int = 256,
           stats: dict | None = None) -> tuple[np.ndarray, np.ndarray]:

@@ -2,8 +2,9 @@
 directory in the official text format with its images, read back, and searched.
 
 Search is the evaluator's exact ranker (`evaluators/ranker.py`, method `auto`: faiss's exact
-search on CPUs), or, where an index was made with `--approximate`, faiss's IVF or HNSW index
-(docs/performance.md has their recall@10 against the exact search and their latency).
+search on CPUs; for the server's few queries at a time on CPUs, its `few_top_k`), or, where
+an index was made with `--approximate`, faiss's IVF or HNSW index (docs/performance.md has
+their recall@10 against the exact search and their latency).
 """
 
 from __future__ import annotations
@@ -237,4 +238,6 @@ class Index:
         if approximate:
             scores, rows = self.approximate(kind).search(queries, min(k, len(self.ids)))
             return scores, rows
+        if len(queries) < ranker.FEW_QUERIES and ranker.resolve_method("auto", mesh) == "faiss":
+            return ranker.few_top_k(queries, self.features[kind], k)  # CPUs: see its docstring.
         return ranker.top_k(queries, self.features[kind], k, mesh, method="auto")

@@ -1,6 +1,8 @@
 """A trained run loaded for inference: its config, tokenizer and one checkpoint step, on a
-data-parallel mesh of this host's devices, with one jitted embedding of a fixed batch shape
-(compiled once; more rows are embedded in several calls, fewer are padded)."""
+data-parallel mesh of this host's devices, with a jitted embedding per batch bucket (powers of two
+up to `batch_size`, compiled at start-up by `warm_up`: a lone query runs at batch 1, not padded to
+the server's batch) and per set of feature kinds (XLA drops the layers a kind does not need:
+`prefusion` skips the joint encoder)."""
 
 from __future__ import annotations
 
@@ -90,6 +92,8 @@ class Model:
         self.batch_sharding = sharding.batch_sharding(self.mesh, self.rules)
         n = self.mesh.size
         self.batch_size = -(-batch_size // n) * n  # A multiple of the devices.
+        self.buckets = sorted({-(-2**i // n) * n for i in range(self.batch_size.bit_length())}
+                              | {self.batch_size})
         manager, self.step = pick_step(self.workdir, step)
         with self.context():
             abstract = nnx.eval_shape(lambda: capture.CaptureModel(config.model,
@@ -103,7 +107,7 @@ class Model:
         self.fingerprint = {"variant": config.get("variant"), "step": int(self.step),
                             "config_hash": config_hash(config, self.vocab_file),
                             "workdir": self.workdir}
-        self._embed = None
+        self._embed = {}
 
     @contextlib.contextmanager
     def context(self):
@@ -129,43 +133,50 @@ class Model:
                 "mrm_mask": np.zeros((n, slots), np.float32),
                 "mrm_zero": np.zeros((n, slots), np.float32)}
 
-    def _compiled(self):
-        if self._embed is None:
+    def _compiled(self, kinds: tuple[str, ...] | None):
+        """The jitted embedding of `kinds` (None: all), one per set of kinds; jit compiles it
+        once per batch shape."""
+        if kinds not in self._embed:
             graphdef = self.graphdef
 
             def embed(state, batch):
-                return nnx.merge(graphdef, state).embed(batch)
+                features = nnx.merge(graphdef, state).embed(batch)
+                return {k: v for k, v in features.items() if kinds is None or k in kinds}
 
             with self.context():
-                self._embed = jax.jit(embed, in_shardings=(self.state_sharding,
-                                                           self.batch_sharding),
-                                      out_shardings=self.batch_sharding)
-        return self._embed
+                self._embed[kinds] = jax.jit(embed, in_shardings=(self.state_sharding,
+                                                                  self.batch_sharding),
+                                             out_shardings=self.batch_sharding)
+        return self._embed[kinds]
 
-    def warm_up(self) -> None:
-        """Compiles the embedding (once; every later call reuses it)."""
-        rows = self.empty_rows(1)
-        rows["text_mask"][:, :2] = 1
-        self.embed(rows)
+    def warm_up(self, kinds: tuple[str, ...] | None = None) -> None:
+        """Compiles the embedding of `kinds` for every batch bucket (once; every later call
+        reuses them)."""
+        for size in self.buckets:
+            rows = self.empty_rows(size)
+            rows["text_mask"][:, :2] = 1
+            self.embed(rows, kinds)
 
     def embed(self, rows: dict[str, np.ndarray], kinds: tuple[str, ...] | None = None
               ) -> dict[str, np.ndarray]:
         """Features {kind: float32 [n, D]} of `rows` (numpy, as `empty_rows`), in calls of
-        `batch_size` rows (the last padded with copies of its first row)."""
-        embed, b = self._compiled(), self.batch_size
+        `batch_size` rows; the last call's rows are padded (copies of its first row) to the
+        smallest bucket that holds them."""
+        kinds = tuple(sorted(kinds)) if kinds is not None else None
+        embed, b = self._compiled(kinds), self.batch_size
         n = len(rows["text_ids"])
         out: dict[str, list[np.ndarray]] = {}
         with self.context():
             for start in range(0, n, b):
                 chunk = {k: v[start:start + b] for k, v in rows.items()}
                 m = len(chunk["text_ids"])
-                if m < b:
-                    chunk = {k: np.concatenate([v, np.repeat(v[:1], b - m, 0)])
+                size = next(s for s in self.buckets if s >= m)
+                if m < size:
+                    chunk = {k: np.concatenate([v, np.repeat(v[:1], size - m, 0)])
                              for k, v in chunk.items()}
                 batch = {k: jax.device_put(v, self.batch_sharding) for k, v in chunk.items()}
                 for kind, f in embed(self.state, batch).items():
-                    if kinds is None or kind in kinds:
-                        out.setdefault(kind, []).append(np.asarray(f)[:m])
+                    out.setdefault(kind, []).append(np.asarray(f)[:m])
         return {k: np.concatenate(v).astype(np.float32) for k, v in out.items()}
 
 

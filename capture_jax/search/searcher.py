@@ -50,7 +50,8 @@ class Searcher:
             for kind in m["feature_kinds"]:
                 self.index.approximate(kind)
         self.approximate = approximate
-        self.model.warm_up()  # Compiled once, here, not on the first query.
+        for kind in m["feature_kinds"]:  # Compiled once, here, not on the first query.
+            self.model.warm_up((kind,))
 
     @property
     def kinds(self) -> list[str]:
