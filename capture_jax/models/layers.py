@@ -121,13 +121,7 @@ def dot_product_attention(
     if dropout_key is None or dropout_rate == 0.0:
         return jax.nn.dot_product_attention(query, key, value, bias=bias,
                                             implementation=implementation)
-    # bf16 x bf16 -> f32 as a dot algorithm (as jax.nn.dot_product_attention does), so that the
-    # backward pass multiplies the f32 cotangent in bf16 too rather than in f32, which takes
-    # several bf16 passes on a TPU (docs/performance.md, "TPU, by XLA's cost model").
-    precision = (jax.lax.DotAlgorithmPreset.BF16_BF16_F32 if query.dtype == jnp.bfloat16
-                 else None)
-    logits = jnp.einsum("btnd,bsnd->bnts", query, key, precision=precision,
-                        preferred_element_type=jnp.float32)
+    logits = jnp.einsum("btnd,bsnd->bnts", query, key, preferred_element_type=jnp.float32)
     logits = logits / math.sqrt(query.shape[-1]) + bias
     probs = dropout(jax.nn.softmax(logits, axis=-1), dropout_rate, dropout_key)
     return jnp.einsum("bnts,bsnd->btnd", probs.astype(value.dtype), value)
