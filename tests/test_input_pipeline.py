@@ -25,7 +25,7 @@ def make_config(data_dir, **overrides) -> ml_collections.ConfigDict:
         "dataset": {"name": "tfds_product1m/synthetic_tiny", "data_dir": str(data_dir),
                     "train_split": "train", "shuffle_buffer": 64},
         "vocab_path": None, "vocab_size": 4000, "seed": 0,
-        "model": {"text": {"length": T},
+        "model": {"text": {"length": T}, "mlm_max_predictions": 0,
                   "visual": {"kind": "pixels", "image_size": SIZE, "patch_size": PATCH}},
         "global_batch_size": BATCH, "eval_batch_size": 5,
         "masking": {"mlm_prob": 0.15, "mrm_prob": 0.15},
