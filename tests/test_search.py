@@ -57,14 +57,20 @@ def index(trained, tmp_path_factory):
     return path
 
 
-def test_index_ranks_test_queries_as_the_evaluator(trained, index, tmp_path, capsys):
+@pytest.fixture(scope="module")
+def loaded(index):
+    """The index and its model, compiled (shared: loading and compiling cost seconds)."""
+    return searcher.Searcher(index)
+
+
+def test_index_ranks_test_queries_as_the_evaluator(trained, index, loaded, tmp_path, capsys):
     workdir, _, queries, ranked = trained
     with open(os.path.join(index, "manifest.json")) as f:
         manifest = json.load(f)
     assert manifest["variant"] == "tiny" and manifest["step"] == 6
     assert manifest["feature_kinds"] == ["joint"] and manifest["count"] == 72
     assert len(manifest["config_hash"]) == 12 and manifest["source"]["split"] == "gallery"
-    s = searcher.Searcher(index)
+    s = loaded
     titled = [(qid, title, jpeg) for qid, title, jpeg in queries if title.strip()]
     assert len(titled) >= 12
     hits = s.search([s.prepare(jpeg, title) for _, title, jpeg in titled], k=100)
@@ -91,7 +97,7 @@ def test_index_ranks_test_queries_as_the_evaluator(trained, index, tmp_path, cap
     assert [(h["id"], h["box"]) for h in merged] == [(i, c) for i, (_, c) in want]
 
 
-def test_query_rows_equal_the_evaluators_rows_bit_for_bit(trained, index):
+def test_query_rows_equal_the_evaluators_rows_bit_for_bit(trained, loaded):
     """A test picture and title make the rows the evaluator's input pipeline made (graphs and
     numpy here, tf.data there); odd titles tokenise as the pipeline tokenises them."""
     import tensorflow as tf
@@ -99,7 +105,7 @@ def test_query_rows_equal_the_evaluators_rows_bit_for_bit(trained, index):
     from capture_jax import experiment, input_pipeline
 
     workdir, _, queries, _ = trained
-    s = searcher.Searcher(index)
+    s = loaded
     exp = experiment.setup(s.model.config.copy_and_resolve_references(), workdir)
     jpegs = {qid: jpeg for qid, _, jpeg in queries}
     seen = 0
