@@ -119,7 +119,7 @@ class Tokenizer:
 
     def encode_titles(self, titles: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """`encode` of Python strings outside tf.data, as numpy: the same ops traced once into a
-        graph (run eagerly they cost ~30x more: the search server tokenises each query)."""
+        graph (run eagerly they cost 15-30x more: the search server tokenises each query)."""
         ids, mask = self._encode_graph(tf.constant(titles, tf.string))
         return ids.numpy(), mask.numpy()
 

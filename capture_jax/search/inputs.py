@@ -6,7 +6,7 @@ upright RGB JPEG, longer side at most the index's `max_image_side`), then Tensor
 decoder and `resize_with_pad` (`visual_inputs.decode_image`) and the ImageNet normalisation: a
 picture of the built dataset gives bit for bit the pixels the evaluator embedded. A box is cut
 from the cleaned picture (its corners scaled with it) and resized like a whole picture; each box
-is one row. The TensorFlow ops run as graphs traced once (eagerly they cost 4x more per query);
+is one row. The TensorFlow ops run as graphs traced once (eagerly they cost 2-4x more);
 the normalisation runs in numpy, whose float32 steps equal tf.data's (a traced graph's
 arithmetic rewrites do not: they move the last bit).
 """
