@@ -235,13 +235,20 @@ def _faiss_top_k(queries, gallery, k, stats, margin: int = 8, redo_chunk: int = 
     stats["ranked_again"] = len(redo)
     for start in range(0, len(redo), redo_chunk):
         rows = redo[start:start + redo_chunk]
-        all_scores = queries[rows] @ gallery.T
-        kth = -np.partition(-all_scores, k - 1, axis=1)[:, k - 1]
-        for j, row in enumerate(rows):
-            cand = np.flatnonzero(all_scores[j] >= kth[j])  # In index order.
-            keep = cand[np.argsort(-all_scores[j, cand], kind="stable")[:k]]
-            scores[row], indices[row] = all_scores[j, keep], keep
+        scores[rows], indices[rows] = _top_k_of_scores(queries[rows] @ gallery.T, k)
     return scores.astype(np.float32), indices.astype(np.int32)
+
+
+def _top_k_of_scores(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The best `k` of each row of `scores` [Q, G] (k <= G), ties to the lower index: float32
+    scores and int32 indices [Q, k]."""
+    kth = np.partition(scores, scores.shape[1] - k, axis=1)[:, -k]  # Each row's k-th largest.
+    out_s, out_i = np.empty((len(scores), k), np.float32), np.empty((len(scores), k), np.int32)
+    for j, row in enumerate(scores):
+        cand = np.flatnonzero(row >= kth[j])  # In index order: a stable sort keeps ties so.
+        keep = cand[np.argsort(-row[cand], kind="stable")[:k]]
+        out_s[j], out_i[j] = row[keep], keep
+    return out_s, out_i
 
 
 FEW_QUERIES = 20  # faiss scans fewer queries than this row by row, without BLAS.
@@ -253,15 +260,7 @@ def few_top_k(queries: np.ndarray, gallery: np.ndarray, k: int
     the same tie rule. Below `FEW_QUERIES` faiss scores query by query without BLAS, 2-3x slower
     (docs/performance.md, Search); scores are [Q, G] in memory, so keep Q small."""
     scores = np.asarray(queries, np.float32) @ np.asarray(gallery, np.float32).T
-    num_g = scores.shape[1]
-    k = min(k, num_g)
-    kth = np.partition(scores, num_g - k, axis=1)[:, num_g - k]  # Each row's k-th largest.
-    out_s, out_i = np.empty((len(scores), k), np.float32), np.empty((len(scores), k), np.int32)
-    for j, row in enumerate(scores):
-        cand = np.flatnonzero(row >= kth[j])  # In index order: a stable sort keeps ties so.
-        keep = cand[np.argsort(-row[cand], kind="stable")[:k]]
-        out_s[j], out_i[j] = row[keep], keep
-    return out_s, out_i
+    return _top_k_of_scores(scores, min(k, scores.shape[1]))
 
 
 def top_k(queries, gallery, k: int, mesh, *, method: str = "auto", query_chunk: int = 1024,
